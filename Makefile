@@ -1,0 +1,58 @@
+# The two commands of the README: `make demo` and `make test`. Both set up what they need first,
+# idempotently: system packages (as root on Debian/Ubuntu), a .venv with the Python dependencies.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+# torch is pinned to the CPU build that installs from local disk; it goes in first so that nothing
+# else pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+EXTRAS := spark,ray,operators,dev
+PYTEST_ARGS ?=
+
+.PHONY: help demo test deps system-deps bench-ingest clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+demo: deps  ## run the whole job end to end on the local stack (moto, redis-server, PostgreSQL, Spark, Ray)
+	$(VENV)/bin/streamrec demo
+
+test: deps  ## run the whole test suite (unit, integration, charts, e2e)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-ingest: deps  ## consumer throughput against the decode-only baseline
+	$(PY) -m benchmarks.ingest
+
+deps: system-deps $(STAMP)  ## install system packages and the Python environment
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "streamrec needs Python >= 3.11, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+system-deps:
+	@if ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "error: redis-server is missing; install it (Debian/Ubuntu: sudo apt-get install -y redis-server)" >&2; exit 1; \
+	  fi; \
+	fi
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "error: PostgreSQL server binaries (initdb, pg_ctl) are missing; install them (Debian/Ubuntu: apt-get install -y postgresql)" >&2; exit 1; \
+	fi
+	@if ! java -version 2>&1 | grep -Eq 'version "(1[7-9]|2[0-9])'; then \
+	  echo "error: Java 17 or newer is required by Spark (Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless)" >&2; exit 1; \
+	fi
+
+clean:  ## stop the local stack and remove the venv and local state
+	-@test -x $(VENV)/bin/streamrec && $(VENV)/bin/streamrec dev down
+	rm -rf $(VENV) .streamrec .pytest_cache

@@ -1,0 +1,36 @@
+"""The ``streamrec`` command: the composition root.
+
+Sub-commands live in their own modules and import the heavy packages (Spark, Ray, kopf) inside the
+command functions, so ``streamrec --help`` stays fast and a missing optional dependency only affects
+the command that needs it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from streamrec.cli import demo, dev, events, ingest
+from streamrec.cli.common import UserError, err_console
+
+app = typer.Typer(
+    name="streamrec",
+    help="Clickstream to recommendations, per AWS region: local stack, events, ingest, pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(dev.app, name="dev")
+app.add_typer(events.app, name="events")
+app.add_typer(ingest.app, name="ingest")
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        # A user mistake: one clear line, non-zero exit, no traceback.
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

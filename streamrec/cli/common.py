@@ -1,0 +1,44 @@
+"""Shared CLI plumbing: consoles, the --config option, turning known errors into one-line messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """An error caused by the user's input or environment: printed as one line, exit code 2."""
+
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        "-c",
+        help="Settings YAML (default: $STREAMREC_CONFIG, else the local dev stack's generated config "
+        "if `streamrec dev up` is running).",
+        show_default=False,
+    ),
+]
+
+
+def load(config: Path | None):  # -> Settings (imported lazily to keep --help fast)
+    """Load settings for a command; a bad key or value becomes a one-line UserError."""
+    from streamrec.devstack.state import default_config_path
+    from streamrec.settings import SettingsError, load_settings
+    import os
+
+    if config is None and not os.environ.get("STREAMREC_CONFIG"):
+        dev_config = default_config_path()
+        if dev_config.exists():
+            config = dev_config
+    try:
+        return load_settings(config)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None

@@ -1,0 +1,212 @@
+"""Process settings: one pydantic-settings model, strict, with a section per region.
+
+Sources, highest priority first: keyword arguments, environment variables (``STREAMREC_`` prefix,
+``__`` for nesting, e.g. ``STREAMREC_INGEST__BATCH_MAX_RECORDS=1000``), then a YAML file named by
+``STREAMREC_CONFIG`` (or passed explicitly), then the defaults. Every model forbids unknown keys so a
+typo fails at start-up naming the key, never silently later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "STREAMREC_CONFIG"
+# The settings-source hook is a classmethod with a fixed signature; the YAML path reaches it this way.
+_yaml_path: ContextVar[Path | None] = ContextVar("streamrec_yaml_path", default=None)
+_REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+
+
+class SettingsError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AwsSettings(_Strict):
+    # -- None means "the real AWS endpoint" (or AWS_ENDPOINT_URL, which botocore reads itself).
+    endpoint_url: str | None = None
+    # -- Static credentials are for the local stack only; in a pod, Pod Identity/IRSA provides them.
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    max_attempts: int = Field(10, ge=1, le=50)
+
+
+class TableNames(_Strict):
+    leases: str
+    recs: str
+    features: str
+
+
+class RegionSettings(_Strict):
+    """Everything that differs between regions. Nothing in one region refers to another."""
+
+    stream_name: str = Field(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")
+    shard_count: int = Field(2, ge=1, le=10_000)
+    # -- Root of this region's data lake: file:///abs/path (local) or s3://bucket/prefix.
+    lake_uri: str
+    tables: TableNames
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # -- Redshift in production; PostgreSQL locally (same SQL subset).
+    warehouse_dsn: str = "postgresql://streamrec@127.0.0.1:5432/streamrec"
+
+    @field_validator("lake_uri")
+    @classmethod
+    def _lake_scheme(cls, v: str) -> str:
+        if not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError("must start with file:// or s3://")
+        return v.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @classmethod
+    def default_for(cls, region: str, lake_root: str) -> "RegionSettings":
+        """Deterministic resource names for a region (what the dev stack and the chart create)."""
+        return cls(
+            stream_name=f"streamrec-clicks-{region}",
+            lake_uri=f"{lake_root.rstrip('/')}/{region}" if lake_root.startswith("file://") else lake_root,
+            tables=TableNames(
+                leases=f"streamrec-ingest-leases-{region}",
+                recs=f"streamrec-recs-{region}",
+                features=f"streamrec-features-{region}",
+            ),
+        )
+
+
+class IngestSettings(_Strict):
+    """Kinesis consumer tuning. Defaults suit a pod reading about ten shards."""
+
+    # -- Firehose-style buffering: flush a shard's buffer at whichever limit comes first.
+    batch_max_records: int = Field(50_000, ge=1)
+    batch_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    batch_max_seconds: float = Field(60.0, gt=0)
+    # -- Records per GetRecords call (Kinesis maximum 10,000).
+    get_records_limit: int = Field(10_000, ge=1, le=10_000)
+    # -- Idle wait per shard between empty GetRecords calls (Kinesis allows 5 reads/s/shard).
+    idle_poll_seconds: float = Field(1.0, ge=0)
+    # -- A lease whose counter has not moved for this long (local clock) is expired and may be taken.
+    lease_duration_seconds: float = Field(10.0, gt=0)
+    lease_renew_seconds: float = Field(3.0, gt=0)
+    # -- Per-worker event_id dedup window (records); the Spark ETL dedups exactly across files and days.
+    dedup_window: int = Field(1_000_000, ge=0)
+    # -- Events with client time further ahead of the server receive time than this are dead-lettered.
+    max_future_skew_seconds: int = Field(300, ge=0)
+    max_record_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
+    # -- Redis online features: last N interactions per user, popularity buckets per hour.
+    user_recent_n: int = Field(50, ge=1, le=1000)
+    user_recent_ttl_seconds: int = Field(30 * 24 * 3600, ge=60)
+    popularity_bucket_ttl_seconds: int = Field(48 * 3600, ge=3600)
+    # -- Salt for hashing personal fields (IP, user agent); set it from a secret in production.
+    pii_salt: str = "streamrec-local-salt"
+    metrics_port: int = Field(0, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> "IngestSettings":
+        if self.lease_renew_seconds >= self.lease_duration_seconds:
+            raise ValueError("lease_renew_seconds must be smaller than lease_duration_seconds")
+        return self
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by STREAMREC_CONFIG (or given explicitly); absent file = no values."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        try:
+            data = yaml.safe_load(self.path.read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"config file {self.path} does not exist") from None
+        except yaml.YAMLError as exc:
+            detail = " ".join(str(exc).split())  # PyYAML's message spans lines; errors are one line
+            raise SettingsError(f"config file {self.path} is not valid YAML: {detail}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise SettingsError(f"config file {self.path} must hold a mapping at the top level")
+        return data
+
+
+class Settings(BaseSettings):
+    """The settings of one streamrec process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    environment: Literal["local", "dev", "staging", "prod"] = "local"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    aws: AwsSettings = AwsSettings()
+    regions: dict[str, RegionSettings] = Field(default_factory=dict)
+    ingest: IngestSettings = IngestSettings()
+
+    @field_validator("regions")
+    @classmethod
+    def _region_names(cls, v: dict[str, RegionSettings]) -> dict[str, RegionSettings]:
+        for name in v:
+            if not _REGION_RE.match(name):
+                raise ValueError(f"{name!r} is not an AWS region name (e.g. us-east-1)")
+        return v
+
+    def region(self, name: str) -> RegionSettings:
+        try:
+            return self.regions[name]
+        except KeyError:
+            known = ", ".join(sorted(self.regions)) or "none"
+            raise SettingsError(f"regions.{name}: region is not configured (configured: {known})") from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlSource(settings_cls, _yaml_path.get())
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{key}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings, failing with one message that names every wrong key.
+
+    ``config`` wins over ``STREAMREC_CONFIG``; with neither, only the environment and defaults apply.
+    """
+    path = Path(config) if config else (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    token = _yaml_path.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        where = f" (config {path})" if path else ""
+        raise SettingsError(f"invalid settings{where}: {_describe(exc)}") from None
+    finally:
+        _yaml_path.reset(token)

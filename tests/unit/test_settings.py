@@ -1,0 +1,167 @@
+"""load_settings: a table of configuration files and environments, and what each must produce."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from streamrec.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+
+pytestmark = pytest.mark.unit
+
+GOOD = """
+environment: dev
+aws:
+  endpoint_url: http://127.0.0.1:5000
+regions:
+  us-east-1:
+    stream_name: clicks-us
+    shard_count: 4
+    lake_uri: s3://lake-us/raw/
+    tables: {leases: leases-us, recs: recs-us, features: features-us}
+  eu-west-1:
+    stream_name: clicks-eu
+    lake_uri: file:///data/lake/eu-west-1
+    tables: {leases: leases-eu, recs: recs-eu, features: features-eu}
+"""
+
+REGION = """
+regions:
+  us-east-1:
+    stream_name: clicks
+    lake_uri: {lake_uri}
+    {tables_key}: {{leases: l, recs: r, features: f}}
+"""
+
+
+def region_yaml(lake_uri: str = "file:///lake", tables_key: str = "tables", name: str = "us-east-1") -> str:
+    return REGION.format(lake_uri=lake_uri, tables_key=tables_key).replace("us-east-1", name)
+
+
+@dataclass(frozen=True)
+class Case:
+    yaml: str | None  # None: no config file at all
+    env: dict[str, str] = field(default_factory=dict)
+    check: Callable[[Settings], None] | None = None
+    # Every one of these must appear in the error message.
+    error: tuple[str, ...] = ()
+
+
+def _good(s: Settings) -> None:
+    assert s.environment == "dev"
+    assert s.aws.endpoint_url == "http://127.0.0.1:5000"
+    us, eu = s.region("us-east-1"), s.region("eu-west-1")
+    assert (us.stream_name, us.shard_count, us.tables.recs) == ("clicks-us", 4, "recs-us")
+    assert us.lake_uri == "s3://lake-us/raw"  # trailing slash dropped
+    assert eu.shard_count == 2  # the default
+    assert eu.lake_uri == "file:///data/lake/eu-west-1"
+    assert s.ingest.batch_max_records == 50_000
+
+
+def _defaults(s: Settings) -> None:
+    assert (s.environment, s.regions, s.aws.endpoint_url) == ("local", {}, None)
+
+
+def _env_only(s: Settings) -> None:
+    assert (s.ingest.batch_max_records, s.log_level) == (12, "DEBUG")
+
+
+def _env_wins(s: Settings) -> None:
+    assert s.ingest.batch_max_records == 1000  # environment beats the file...
+    assert s.ingest.batch_max_seconds == 5.0  # ...which still supplies the rest of the section
+
+
+CASES = {
+    "good yaml": Case(GOOD, check=_good),
+    "empty file means defaults": Case("", check=_defaults),
+    "unknown top-level key named": Case("regoins: {}\n", error=("regoins", "Extra inputs are not permitted")),
+    "unknown nested key named with its path": Case(
+        region_yaml(tables_key="tabels"), error=("regions.us-east-1.tabels", "regions.us-east-1.tables")
+    ),
+    "lake_uri scheme": Case(
+        region_yaml(lake_uri="http://lake/x"), error=("regions.us-east-1.lake_uri", "file:// or s3://")
+    ),
+    "region name": Case(
+        region_yaml(name="useast1"), error=("regions", "'useast1' is not an AWS region name")
+    ),
+    "env var overrides the file": Case(
+        "ingest: {batch_max_records: 7, batch_max_seconds: 5}\n",
+        env={"STREAMREC_INGEST__BATCH_MAX_RECORDS": "1000"},
+        check=_env_wins,
+    ),
+    "env var alone": Case(
+        None,
+        env={"STREAMREC_INGEST__BATCH_MAX_RECORDS": "12", "STREAMREC_LOG_LEVEL": "DEBUG"},
+        check=_env_only,
+    ),
+    "bad env value named": Case(
+        None, env={"STREAMREC_INGEST__BATCH_MAX_RECORDS": "0"}, error=("ingest.batch_max_records",)
+    ),
+    "lease renew equal to duration": Case(
+        "ingest: {lease_renew_seconds: 10, lease_duration_seconds: 10}\n",
+        error=("ingest", "lease_renew_seconds must be smaller than lease_duration_seconds"),
+    ),
+    "lease renew above duration": Case(
+        "ingest: {lease_renew_seconds: 30, lease_duration_seconds: 10}\n",
+        error=("lease_renew_seconds must be smaller",),
+    ),
+    "several wrong keys all named": Case(
+        "log_level: LOUD\ningest: {get_records_limit: 20000}\n",
+        error=("log_level", "ingest.get_records_limit"),
+    ),
+    "not a mapping": Case("- a\n- b\n", error=("must hold a mapping",)),
+    "not yaml": Case("regions: [unclosed\n", error=("is not valid YAML",)),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_load_settings(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
+    path = None
+    if case.yaml is not None:
+        path = tmp_path / "streamrec.yaml"
+        path.write_text(case.yaml)
+    if case.error:
+        with pytest.raises(SettingsError) as info:
+            load_settings(path)
+        message = str(info.value)
+        for part in case.error:
+            assert part in message
+        assert "\n" not in message.strip()  # one line, fit for a CLI error
+    else:
+        assert case.check is not None
+        case.check(load_settings(path))
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SettingsError, match="nope.yaml does not exist"):
+        load_settings(missing)
+
+
+def test_config_env_var_is_read_and_explicit_path_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_env, explicit = tmp_path / "env.yaml", tmp_path / "explicit.yaml"
+    from_env.write_text("log_level: WARNING\n")
+    explicit.write_text("log_level: ERROR\n")
+    monkeypatch.setenv(CONFIG_ENV, str(from_env))
+    assert load_settings().log_level == "WARNING"
+    assert load_settings(explicit).log_level == "ERROR"
+
+
+def test_unrelated_streamrec_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # STREAMREC_HOME (the dev stack's state dir) shares the prefix but is not a setting.
+    monkeypatch.setenv("STREAMREC_HOME", "/somewhere")
+    assert load_settings().environment == "local"
+
+
+def test_unconfigured_region_names_the_configured_ones(tmp_path: Path) -> None:
+    path = tmp_path / "streamrec.yaml"
+    path.write_text(GOOD)
+    with pytest.raises(SettingsError, match=r"regions\.ap-south-1: .*configured: eu-west-1, us-east-1"):
+        load_settings(path).region("ap-south-1")
