@@ -180,7 +180,9 @@ class Worker:
         for shard_id in list(self.shards):
             state = self.shards[shard_id]
             try:
-                if len(state.buffer):
+                # A half-replayed pending range is dropped, not flushed: the pending mark stays on the
+                # lease and the next owner replays it whole.
+                if len(state.buffer) and state.replay_until is None:
                     self.flush(state)
                 released = self.leases.release(state.lease, self.worker_id)
                 if released is None:
@@ -276,7 +278,9 @@ class Worker:
             try:
                 if now >= state.next_poll and not state.ended:
                     busy |= self.poll(state, now)
-                if state.buffer.due(now * 1000) or (state.ended and len(state.buffer)):
+                # While re-reading a pending range, only reaching its last record may flush: any other
+                # boundary would write a second file over the same records.
+                if state.replay_until is None and (state.buffer.due(now * 1000) or (state.ended and len(state.buffer))):
                     self.flush(state)
                 if state.ended and not len(state.buffer):
                     self.finish(state)
@@ -399,7 +403,6 @@ def build_worker(settings: Any, region: str, **overrides: Any) -> Worker:
     layout = LakeLayout(rs.lake_uri)
     fs = filesystem(rs.lake_uri, endpoint_url=settings.aws.endpoint_url, region=region,
                     access_key=settings.aws.access_key_id, secret_key=settings.aws.secret_access_key)
-    dedup = DedupWindow(ing.dedup_window)  # one window per worker: duplicates share a shard anyway
     config = TransformConfig(region=region, max_record_bytes=ing.max_record_bytes,
                              max_future_skew_ms=ing.max_future_skew_seconds * 1000,
                              pii_salt=ing.pii_salt.encode())
@@ -419,6 +422,8 @@ def build_worker(settings: Any, region: str, **overrides: Any) -> Worker:
         features=RedisFeatureSink(redis.Redis.from_url(rs.redis_url), region, recent_n=ing.user_recent_n,
                                   recent_ttl_s=ing.user_recent_ttl_seconds,
                                   popularity_ttl_s=ing.popularity_bucket_ttl_seconds),
-        transformer_factory=lambda: Transformer(config, dedup),
+        # A fresh window per taken lease: duplicates share a shard (partition key = user id), and a
+        # window that outlived a lost lease would drop the records re-read after taking it back.
+        transformer_factory=lambda: Transformer(config, DedupWindow(ing.dedup_window)),
         **params,
     )

@@ -35,6 +35,7 @@ EventId = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_MAX_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // _MS
 
 
 def _ts_to_ms(value: Any) -> int:
@@ -49,7 +50,10 @@ def _ts_to_ms(value: Any) -> int:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise ValueError(f"not a valid date or time: {exc}") from None
-    return (parsed - _EPOCH) // _MS
+    ms = (parsed - _EPOCH) // _MS
+    if not 0 <= ms <= _MAX_MS:
+        raise ValueError("must lie between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z in UTC")
+    return ms
 
 
 EpochMs = Annotated[

@@ -30,6 +30,21 @@ Dataset = Literal["raw", "dead_letter", "clean", "features", "models", "recs"]
 DATASETS: tuple[str, ...] = ("raw", "dead_letter", "clean", "features", "models", "recs")
 
 
+def validate_lake_uri(uri: str) -> str:
+    """Check a lake root: ``file:///absolute/path`` or ``s3://bucket[/prefix]``; return it without a
+    trailing slash. ``file://lake`` would silently mean the filesystem root, so a host is refused."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise ValueError(f"a file:// lake URI needs an absolute path (file:///abs/path), got {uri!r}")
+    elif parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"an s3:// lake URI needs a bucket (s3://bucket/prefix), got {uri!r}")
+    else:
+        raise ValueError(f"lake URI must be file:// or s3://, got {uri!r}")
+    return uri.rstrip("/") if parsed.path not in ("", "/") else uri
+
+
 def _dt(day: date | datetime | str) -> str:
     if isinstance(day, str):
         return date.fromisoformat(day).isoformat()  # validates the spelling
@@ -45,9 +60,7 @@ class LakeLayout:
     uri: str
 
     def __post_init__(self) -> None:
-        scheme = urlparse(self.uri).scheme
-        if scheme not in ("file", "s3"):
-            raise ValueError(f"lake URI must be file:// or s3://, got {self.uri!r}")
+        validate_lake_uri(self.uri)
 
     @property
     def scheme(self) -> str:

@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from streamrec.lake import validate_lake_uri
+
 CONFIG_ENV = "STREAMREC_CONFIG"
 # The settings-source hook is a classmethod with a fixed signature; the YAML path reaches it this way.
 _yaml_path: ContextVar[Path | None] = ContextVar("streamrec_yaml_path", default=None)
@@ -61,10 +63,8 @@ class RegionSettings(_Strict):
 
     @field_validator("lake_uri")
     @classmethod
-    def _lake_scheme(cls, v: str) -> str:
-        if not (v.startswith("file://") or v.startswith("s3://")):
-            raise ValueError("must start with file:// or s3://")
-        return v.rstrip("/")
+    def _lake_uri(cls, v: str) -> str:
+        return validate_lake_uri(v)
 
     @field_validator("redis_url")
     @classmethod
@@ -101,8 +101,9 @@ class IngestSettings(_Strict):
     # -- A lease whose counter has not moved for this long (local clock) is expired and may be taken.
     lease_duration_seconds: float = Field(10.0, gt=0)
     lease_renew_seconds: float = Field(3.0, gt=0)
-    # -- Per-worker event_id dedup window (records); the Spark ETL dedups exactly across files and days.
-    dedup_window: int = Field(1_000_000, ge=0)
+    # -- event_id dedup window per shard lease (ids, about 150 bytes each); the Spark ETL dedups
+    # exactly across files and days.
+    dedup_window: int = Field(100_000, ge=0)
     # -- Events with client time further ahead of the server receive time than this are dead-lettered.
     max_future_skew_seconds: int = Field(300, ge=0)
     max_record_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,25 +19,33 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Generate or replay clickstream into Kinesis or JSONL.", no_args_is_help=True)
 
 
-class Target(str, Enum):
+class Target(StrEnum):
     kinesis = "kinesis"
     jsonl = "jsonl"
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     movielens = "movielens"
     diginetica = "diginetica"
     jsonl = "jsonl"
 
 
-ToOption = Annotated[Target, typer.Option("--to", help="Where records go: the region's Kinesis stream, or a JSONL file.")]
+ToOption = Annotated[
+    Target, typer.Option("--to", help="Where records go: the region's Kinesis stream, or a JSONL file.")
+]
 OutOption = Annotated[
-    Optional[Path],
-    typer.Option("--out", "-o", help="JSONL path (with --to jsonl); '{region}' in it is replaced by the region name."),
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="JSONL path (with --to jsonl); '{region}' in it is replaced by the region name."
+    ),
 ]
 RateOption = Annotated[
-    Optional[float],
-    typer.Option("--rate", min=0.001, help="Target records per second per region (Kinesis only; default: as fast as possible)."),
+    float | None,
+    typer.Option(
+        "--rate",
+        min=0.001,
+        help="Target records per second per region (Kinesis only; default: as fast as possible).",
+    ),
 ]
 
 
@@ -112,22 +120,45 @@ def _delivery_errors(target: str) -> Iterator[None]:
 @app.command()
 def generate(
     region: Annotated[
-        Optional[list[str]],
-        typer.Option("--region", "-r", help="Region to generate (repeatable; default: us-east-1 and eu-west-1)."),
+        list[str] | None,
+        typer.Option(
+            "--region", "-r", help="Region to generate (repeatable; default: us-east-1 and eu-west-1)."
+        ),
     ] = None,
-    events: Annotated[int, typer.Option("--events", "-n", min=1, help="Records per region, incl. bot, malformed and duplicate.")] = 10_000,
+    events: Annotated[
+        int,
+        typer.Option("--events", "-n", min=1, help="Records per region, incl. bot, malformed and duplicate."),
+    ] = 10_000,
     users: Annotated[int, typer.Option("--users", min=1, help="Human users per region.")] = 1_000,
     items: Annotated[int, typer.Option("--items", min=2, help="Items in the shared catalogue.")] = 2_000,
-    days: Annotated[float, typer.Option("--days", min=0.001, help="Length of the simulated window, ending at --end.")] = 7.0,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed and options give the same bytes.")] = 42,
-    bot_share: Annotated[float, typer.Option("--bot-share", min=0, max=0.99, help="Share of records from bots.")] = 0.02,
-    malformed_share: Annotated[float, typer.Option("--malformed-share", min=0, max=0.99, help="Share of malformed records.")] = 0.01,
-    duplicate_share: Annotated[float, typer.Option("--duplicate-share", min=0, max=0.99, help="Share of records sent twice.")] = 0.005,
-    end: Annotated[Optional[str], typer.Option("--end", help="End of the window, ISO 8601 (default: now, rounded down to the hour).")] = None,
+    days: Annotated[
+        float, typer.Option("--days", min=0.001, help="Length of the simulated window, ending at --end.")
+    ] = 7.0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed: the same seed and options give the same bytes.")
+    ] = 42,
+    bot_share: Annotated[
+        float, typer.Option("--bot-share", min=0, max=0.99, help="Share of records from bots.")
+    ] = 0.02,
+    malformed_share: Annotated[
+        float, typer.Option("--malformed-share", min=0, max=0.99, help="Share of malformed records.")
+    ] = 0.01,
+    duplicate_share: Annotated[
+        float, typer.Option("--duplicate-share", min=0, max=0.99, help="Share of records sent twice.")
+    ] = 0.005,
+    end: Annotated[
+        str | None,
+        typer.Option("--end", help="End of the window, ISO 8601 (default: now, rounded down to the hour)."),
+    ] = None,
     to: ToOption = Target.kinesis,
     out: OutOption = None,
     rate: RateOption = None,
-    truth_out: Annotated[Optional[Path], typer.Option("--truth-out", help="Write the planted truth (topics, preferences, items) as JSON here.")] = None,
+    truth_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth-out", help="Write the planted truth (topics, preferences, items) as JSON here."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Generate a synthetic clickstream with planted preferences, bots, malformed records and duplicates."""
@@ -139,12 +170,21 @@ def generate(
 
     try:
         gen = GeneratorConfig(
-            seed=seed, regions=tuple(region or DEFAULT_REGIONS), users_per_region=users, items=items,
-            events_per_region=events, days=days, end=_parse_end(end), bot_share=bot_share,
-            malformed_share=malformed_share, duplicate_share=duplicate_share,
-        ).resolved()  # fmt: skip
+            seed=seed,
+            regions=tuple(region or DEFAULT_REGIONS),
+            users_per_region=users,
+            items=items,
+            events_per_region=events,
+            days=days,
+            end=_parse_end(end),
+            bot_share=bot_share,
+            malformed_share=malformed_share,
+            duplicate_share=duplicate_share,
+        ).resolved()
     except ValidationError as exc:
-        raise UserError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())) from None
+        raise UserError(
+            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        ) from None
     if truth_out is not None:
         console.print(f"truth written to {write_truth(truth_out, gen)}")
     if to is Target.jsonl and out is None:
@@ -165,14 +205,22 @@ def generate(
 
 @app.command()
 def replay(
-    file: Annotated[Path, typer.Argument(help="Dataset file: MovieLens u.data, a DIGINETICA CSV, or JSONL records.")],
+    file: Annotated[
+        Path, typer.Argument(help="Dataset file: MovieLens u.data, a DIGINETICA CSV, or JSONL records.")
+    ],
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Format of FILE.")] = Format.jsonl,
-    region: Annotated[str, typer.Option("--region", "-r", help="Region whose stream receives the records.")] = "us-east-1",
-    shift_to_now: Annotated[bool, typer.Option("--shift-to-now", help="Move all timestamps so the latest is now (gaps kept).")] = False,
+    region: Annotated[
+        str, typer.Option("--region", "-r", help="Region whose stream receives the records.")
+    ] = "us-east-1",
+    shift_to_now: Annotated[
+        bool, typer.Option("--shift-to-now", help="Move all timestamps so the latest is now (gaps kept).")
+    ] = False,
     to: ToOption = Target.kinesis,
     out: OutOption = None,
     rate: RateOption = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Replay only the first N records (in time order).")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Replay only the first N records (in time order).")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Replay a real interaction log (or a JSONL capture, byte for byte) as clickstream."""
@@ -187,14 +235,18 @@ def replay(
         if to is Target.jsonl:
             path = jsonl_path(out, region, 1)
             with _progress(limit) as progress:
-                summary = deliver(region, str(path), report_progress(records, progress), lambda rs: write_jsonl(path, rs))
+                summary = deliver(
+                    region, str(path), report_progress(records, progress), lambda rs: write_jsonl(path, rs)
+                )
         else:
             from streamrec.aws import client
 
             settings = load(config)
             with _delivery_errors("Kinesis"), _progress(limit) as progress:
                 stream = settings.region(region).stream_name
-                publisher = KinesisPublisher(client("kinesis", region, settings.aws), stream, rate_per_s=rate, progress=progress)
+                publisher = KinesisPublisher(
+                    client("kinesis", region, settings.aws), stream, rate_per_s=rate, progress=progress
+                )
                 summary = deliver(region, stream, records, publisher.put)
     except (FileNotFoundError, ValueError) as exc:  # ValueError includes ReplayError: the line that is wrong
         raise UserError(str(exc)) from None

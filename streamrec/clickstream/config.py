@@ -16,7 +16,7 @@ def floor_to_hour(ts: datetime) -> datetime:
 
 
 class GeneratorConfig(BaseModel):
-    """Knobs of :func:`streamrec.clickstream.generate.generate`; the same config and seed give the same bytes."""
+    """Knobs of :func:`streamrec.clickstream.generate.generate`: the same config gives the same bytes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -56,7 +56,7 @@ class GeneratorConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _shares(self) -> "GeneratorConfig":
+    def _shares(self) -> GeneratorConfig:
         if self.bot_share + self.malformed_share + self.duplicate_share >= 1:
             raise ValueError("bot_share + malformed_share + duplicate_share must be below 1")
         if self.counts_per_region()["valid"] < 1:
@@ -69,9 +69,14 @@ class GeneratorConfig(BaseModel):
         malformed = round(n * self.malformed_share)
         duplicate = round(n * self.duplicate_share)
         bot = round(n * self.bot_share)
-        return {"valid": n - malformed - duplicate - bot, "bot": bot, "malformed": malformed, "duplicate": duplicate}
+        return {
+            "valid": n - malformed - duplicate - bot,
+            "bot": bot,
+            "malformed": malformed,
+            "duplicate": duplicate,
+        }
 
-    def resolved(self) -> "GeneratorConfig":
+    def resolved(self) -> GeneratorConfig:
         """This config with ``end`` fixed, so every part of one run sees the same window."""
         if self.end is not None:
             return self

@@ -41,8 +41,12 @@ SESSION_GAP_MS = 30 * 60 * 1000
 # Share of human sessions whose events carry ip and user_agent (personal data the consumer hashes).
 PII_SHARE = 0.3
 REFERRERS: tuple[str | None, ...] = (
-    None, "https://www.google.com/", "https://www.bing.com/", "https://t.co/", "https://newsletter.example.com/",
-)  # fmt: skip
+    None,
+    "https://www.google.com/",
+    "https://www.bing.com/",
+    "https://t.co/",
+    "https://newsletter.example.com/",
+)
 _REFERRER_P = (0.4, 0.35, 0.08, 0.07, 0.10)
 _BOT_TYPES_P = (0.75, 0.20, 0.05, 0.0)  # bots view and click, rarely add to cart, never buy
 _KINDS: tuple[RecordKind, ...] = ("valid", "bot", "malformed", "duplicate")
@@ -85,7 +89,9 @@ def _draw_sessions(rng: np.random.Generator, n_events: int) -> _Sessions:
     return _Sessions(session=session, depth=depth, view=view, offset_ms=offset, duration_ms=offset[last])
 
 
-def _assign_users(rng: np.random.Generator, need_ms: np.ndarray, activity: np.ndarray, window_ms: int) -> np.ndarray:
+def _assign_users(
+    rng: np.random.Generator, need_ms: np.ndarray, activity: np.ndarray, window_ms: int
+) -> np.ndarray:
     """A user per session, ∝ activity, such that each user's sessions plus gaps fit in the window."""
     user = rng.choice(len(activity), size=len(need_ms), p=activity)
     load = np.bincount(user, weights=need_ms, minlength=len(activity))
@@ -176,8 +182,10 @@ def _event_ids(rng: np.random.Generator, n: int) -> list[str]:
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
     h = raw.tobytes().hex()
-    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
-            for i in range(0, 32 * n, 32)]  # fmt: skip
+    return [
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-{h[i + 20 : i + 32]}"
+        for i in range(0, 32 * n, 32)
+    ]
 
 
 def _iso_ms(ts_ms: np.ndarray) -> list[str]:
@@ -189,96 +197,164 @@ def _session_ids(rng: np.random.Generator, n: int) -> list[str]:
     return [f"s{x:016x}" for x in rng.integers(0, 2**63, n).tolist()]
 
 
+@dataclass(frozen=True)
+class _Events:
+    """Events of one region, one array per field."""
+
+    ts: np.ndarray  # epoch ms
+    user: np.ndarray  # index into the region's users.user_ids + users.bot_ids
+    item: np.ndarray
+    etype: np.ndarray  # index into EVENT_TYPES
+    session: np.ndarray  # index into the region's sessions
+    referrer: np.ndarray  # index into REFERRERS (0: none)
+    pii: np.ndarray  # carries ip and user_agent
+    listing: np.ndarray  # the page a view happens on: 0 home, 1 search, 2 category
+    sessions: int
+
+    @staticmethod
+    def concat(a: _Events, b: _Events) -> _Events:
+        """``b`` after ``a``; b's session indices are moved past a's."""
+        columns = ("ts", "user", "item", "etype", "referrer", "pii", "listing")
+        joined = {c: np.concatenate([getattr(a, c), getattr(b, c)]) for c in columns}
+        session = np.concatenate([a.session, a.sessions + b.session])
+        return _Events(**joined, session=session, sessions=a.sessions + b.sessions)
+
+
+def _human_events(
+    rng: np.random.Generator, n: int, users: RegionUsers, catalogue: _Catalogue, start_ms: int, end_ms: int
+) -> _Events:
+    """Sessions → users → start times → items, for ``n`` events."""
+    s = _draw_sessions(rng, n)
+    need = s.duration_ms + SESSION_GAP_MS
+    session_user = _assign_users(rng, need, users.activity, end_ms - start_ms)
+    ts = _session_starts(rng, session_user, need, start_ms, end_ms - start_ms)[s.session] + s.offset_ms
+    # Items are drawn per view; the click, cart and purchase after a view are of the same item.
+    is_view = s.depth == 0
+    view_item = np.zeros(int(s.view[-1]) + 1, dtype=np.int64)
+    view_item[s.view[is_view]] = catalogue.sample_preferred(
+        rng, users, session_user[s.session[is_view]], ts[is_view]
+    )
+    sessions = len(s.duration_ms)
+    first_in_session = np.r_[True, s.session[1:] != s.session[:-1]]
+    referrer = rng.choice(len(REFERRERS), sessions, p=_REFERRER_P)[s.session]
+    return _Events(
+        ts=ts,
+        user=session_user[s.session],
+        item=view_item[s.view],
+        etype=s.depth,
+        session=s.session,
+        referrer=np.where(first_in_session, referrer, 0),  # external referrer on a session's entry only
+        pii=(rng.random(sessions) < PII_SHARE)[s.session],
+        listing=rng.integers(0, 3, n),
+        sessions=sessions,
+    )
+
+
+def _bot_events(
+    rng: np.random.Generator,
+    n: int,
+    config: GeneratorConfig,
+    catalogue: _Catalogue,
+    first_bot: int,
+    start_ms: int,
+    end_ms: int,
+) -> _Events:
+    """Each bot: one burst (one session) at its sustained rate somewhere in the window, uniform items."""
+    window = end_ms - start_ms
+    ts, bot = [], []
+    for b, size in enumerate(len(a) for a in np.array_split(np.arange(n), config.bots_per_region)):
+        # The configured rate, unless the burst would not fit the window.
+        step = min(1000 / config.bot_rate_per_s, 0.9 * window / max(size, 1))
+        begin = start_ms + rng.random() * (window - size * step)
+        ts.append((begin + (np.arange(size) + 0.9 * rng.random(size)) * step).astype(np.int64))
+        bot.append(np.full(size, b))
+    bot_ts, bot_of = np.concatenate(ts), np.concatenate(bot)
+    return _Events(
+        ts=bot_ts,
+        user=first_bot + bot_of,
+        item=catalogue.sample_uniform(rng, bot_ts),
+        etype=rng.choice(len(EVENT_TYPES), n, p=_BOT_TYPES_P),
+        session=bot_of,
+        referrer=np.zeros(n, np.int64),
+        pii=np.ones(n, bool),
+        listing=np.full(n, 2),
+        sessions=config.bots_per_region,
+    )
+
+
 class _RegionStream:
     """One region's records: planned column-wise at construction, encoded one by one on iteration."""
 
     def __init__(self, config: GeneratorConfig, truth: Truth, region: str) -> None:
-        self.config, self.truth, self.region = config, truth, region
+        self.truth, self.region = truth, region
         users = truth.regions[region]
-        self.future_from = config.window[1]
         start, end = config.window
         start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+        self.future_from = end
         counts = config.counts_per_region()
         catalogue = _Catalogue(truth, config.temperature)
 
-        # Humans: sessions → users → start times → items.
-        rng = rng_for(config, "sessions", region)
-        s = _draw_sessions(rng, counts["valid"])
-        need = s.duration_ms + SESSION_GAP_MS
-        session_user = _assign_users(rng, need, users.activity, end_ms - start_ms)
-        session_ts = _session_starts(rng, session_user, need, start_ms, end_ms - start_ms)
-        human_ts = session_ts[s.session] + s.offset_ms
-        is_view = s.depth == 0
-        view_item = np.zeros(int(s.view[-1]) + 1, dtype=np.int64)
-        view_item[s.view[is_view]] = catalogue.sample_preferred(
-            rng, users, session_user[s.session[is_view]], human_ts[is_view]
+        # Humans first, then bots; each part has its own random stream (see truth.rng_for).
+        humans = _human_events(
+            rng_for(config, "sessions", region), counts["valid"], users, catalogue, start_ms, end_ms
         )
-        n_sessions = len(s.duration_ms)
-        session_referrer = rng.choice(len(REFERRERS), n_sessions, p=_REFERRER_P)
-        session_pii = rng.random(n_sessions) < PII_SHARE
-        first_in_session = np.r_[True, s.session[1:] != s.session[:-1]]
-
-        # Bots: each a burst at its sustained rate somewhere in the window, uniform items.
-        brng = rng_for(config, "bots", region)
-        bot_ts, bot_of = self._bot_bursts(brng, counts["bot"], start_ms, end_ms)
-        n_humans = len(users.user_ids)
-
-        # One event table: humans first, then bots. Users index users.user_ids + users.bot_ids.
-        self.ts = np.concatenate([human_ts, bot_ts])
-        n_events = len(self.ts)
-        self.user = np.concatenate([session_user[s.session], n_humans + bot_of]).tolist()
-        self.item = np.concatenate([view_item[s.view], catalogue.sample_uniform(brng, bot_ts)]).tolist()
-        self.etype = np.concatenate([s.depth, brng.choice(4, len(bot_ts), p=_BOT_TYPES_P)]).tolist()
-        self.session = np.concatenate([s.session, n_sessions + bot_of]).tolist()
-        self.referrer = np.concatenate(
-            [np.where(first_in_session, session_referrer[s.session], 0), np.zeros(len(bot_ts), np.int64)]
-        ).tolist()
-        self.pii = np.concatenate([session_pii[s.session], np.ones(len(bot_ts), bool)]).tolist()
-        self.listing = np.concatenate([rng.integers(0, 3, len(human_ts)), np.full(len(bot_ts), 2)]).tolist()
+        bots = _bot_events(
+            rng_for(config, "bots", region),
+            counts["bot"],
+            config,
+            catalogue,
+            len(users.user_ids),
+            start_ms,
+            end_ms,
+        )
+        events = _Events.concat(humans, bots)
+        n_events, n_humans = len(events.ts), len(humans.ts)
+        self.n_events = n_events
 
         # Malformed records are broken copies of random human events; duplicates re-send any event.
-        mrng = rng_for(config, "faults", region)
+        frng = rng_for(config, "faults", region)
         n_bad, n_dup = counts["malformed"], counts["duplicate"]
-        self.bad_template = mrng.integers(0, len(human_ts), n_bad).tolist()
-        self.bad_reason = [MALFORMED_REASONS[i] for i in mrng.permutation(np.resize(np.arange(len(MALFORMED_REASONS)), n_bad))]
-        self.bad_seed = mrng.integers(0, 2**63, n_bad).tolist()
-        dup_source = mrng.integers(0, n_events, n_dup)
-        retry_delay = mrng.integers(200, 5_000, n_dup)
+        self.bad_template = frng.integers(0, n_humans, n_bad).tolist()
+        reasons = frng.permutation(np.resize(np.arange(len(MALFORMED_REASONS)), n_bad))  # all, evenly
+        self.bad_reason = [MALFORMED_REASONS[i] for i in reasons]
+        self.bad_seed = frng.integers(0, 2**63, n_bad).tolist()
+        dup_source = frng.integers(0, n_events, n_dup)
+        retry_delay = frng.integers(200, 5_000, n_dup)
 
+        # Plain lists from here on: indexing numpy arrays one scalar at a time is slow.
         idrng = rng_for(config, "ids", region)
-        self.event_id = _event_ids(idrng, n_events + n_bad)
-        self.session_id = _session_ids(idrng, n_sessions + len(users.bot_ids))
-        self.ts_text = _iso_ms(self.ts)
-        self.user_ids = users.user_ids + users.bot_ids
-        # Per-user and per-item context as plain lists: numpy scalar indexing per event is slow.
+        self.event_id = _event_ids(idrng, n_events + n_bad)  # the malformed records' ids come last
+        self.session_id = _session_ids(idrng, events.sessions)
+        self.ts_text = _iso_ms(events.ts)
+        self.user = events.user.tolist()
+        self.item = events.item.tolist()
+        self.etype = events.etype.tolist()
+        self.session = events.session.tolist()
+        self.referrer = events.referrer.tolist()
+        self.pii = events.pii.tolist()
+        self.listing = events.listing.tolist()
         n_bots = len(users.bot_ids)
+        self.user_ids = users.user_ids + users.bot_ids
         self.device = [DEVICES[d] for d in users.device.tolist()] + ["other"] * n_bots
         self.ip = users.ip + [f"198.18.{i % 256}.{(i * 37) % 254 + 1}" for i in range(n_bots)]
-        self.user_agent = [users.user_agent(u) for u in range(n_humans)] + [BOT_USER_AGENT] * n_bots
+        self.user_agent = [users.user_agent(u) for u in range(len(users.user_ids))] + [
+            BOT_USER_AGENT
+        ] * n_bots
         self.item_category = [truth.categories[c] for c in truth.item_category.tolist()]
         self.item_price = truth.item_price.tolist()
 
-        # The emission order: all records sorted by time (stable, so a duplicate follows its original).
-        kind = np.concatenate([
-            np.where(np.arange(n_events) < len(human_ts), _VALID, _BOT),
-            np.full(n_bad, _MALFORMED), np.full(n_dup, _DUPLICATE),
-        ])  # fmt: skip
+        # The emission order: all records by time (a stable sort, so a duplicate follows its original).
+        kind = np.concatenate(
+            [
+                np.where(np.arange(n_events) < n_humans, _VALID, _BOT),
+                np.full(n_bad, _MALFORMED),
+                np.full(n_dup, _DUPLICATE),
+            ]
+        )
         ref = np.concatenate([np.arange(n_events), np.arange(n_bad), dup_source])
-        at = np.concatenate([self.ts, human_ts[self.bad_template], self.ts[dup_source] + retry_delay])
+        at = np.concatenate([events.ts, humans.ts[self.bad_template], events.ts[dup_source] + retry_delay])
         order = np.argsort(at, kind="stable")
         self.order = list(zip(at[order].tolist(), kind[order].tolist(), ref[order].tolist()))
-
-    def _bot_bursts(self, rng: np.random.Generator, n: int, start_ms: int, end_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        sizes = [len(a) for a in np.array_split(np.arange(n), self.config.bots_per_region)]
-        window = end_ms - start_ms
-        ts, bot = [], []
-        for b, size in enumerate(sizes):
-            # Sustained rate unless the burst would not fit the window; never slower than that.
-            step = min(1000 / self.config.bot_rate_per_s, 0.9 * window / max(size, 1))
-            begin = start_ms + rng.random() * (window - size * step)
-            ts.append((begin + (np.arange(size) + 0.9 * rng.random(size)) * step).astype(np.int64))
-            bot.append(np.full(size, b))
-        return np.concatenate(ts), np.concatenate(bot)
 
     def _event(self, i: int, event_id: str) -> dict[str, Any]:
         item, u = self.item[i], self.user[i]
@@ -312,12 +388,14 @@ class _RegionStream:
 
     def records(self) -> Iterator[tuple[int, GeneratedRecord]]:
         """(time ms, record) in time order."""
-        region, n_events = self.region, len(self.ts)
+        region, n_events = self.region, self.n_events
         for at, kind, ref in self.order:
             if kind == _MALFORMED:
                 template = self._event(self.bad_template[ref], self.event_id[n_events + ref])
                 reason = self.bad_reason[ref]
-                data, key = corrupt(template, reason, random.Random(self.bad_seed[ref]), future_from=self.future_from)
+                data, key = corrupt(
+                    template, reason, random.Random(self.bad_seed[ref]), future_from=self.future_from
+                )
                 yield at, GeneratedRecord(region, key, data, "malformed", reason)
             else:
                 # Encoding is a pure function of the event, so a duplicate re-encodes to the same bytes.
@@ -325,7 +403,9 @@ class _RegionStream:
                 yield at, GeneratedRecord(region, self.user_ids[self.user[ref]], data, _KINDS[kind], None)
 
 
-def generate_region(config: GeneratorConfig, region: str, truth: Truth | None = None) -> Iterator[GeneratedRecord]:
+def generate_region(
+    config: GeneratorConfig, region: str, truth: Truth | None = None
+) -> Iterator[GeneratedRecord]:
     """One region's records in time order (identical to that region's share of :func:`generate`)."""
     config = config.resolved()
     if region not in config.regions:

@@ -18,7 +18,13 @@ from typing import Any
 
 from streamrec.clickstream.config import GeneratorConfig
 from streamrec.clickstream.generate import generate_region
-from streamrec.clickstream.putrecords import MAX_RECORDS_PER_CALL, TokenBucket, backoff_delay, batches, read_response
+from streamrec.clickstream.putrecords import (
+    MAX_RECORDS_PER_CALL,
+    TokenBucket,
+    backoff_delay,
+    batches,
+    read_response,
+)
 from streamrec.clickstream.records import GeneratedRecord, RecordTally, report_progress
 from streamrec.clickstream.truth import build_truth
 
@@ -83,7 +89,9 @@ class KinesisPublisher:
         self.sleep, self.clock = sleep, clock
         self.bucket = TokenBucket(rate_per_s, now=clock()) if rate_per_s else None
         # At a low rate, small calls keep the flow smooth instead of one 500-record call per long pause.
-        self.max_batch = MAX_RECORDS_PER_CALL if not rate_per_s else max(1, min(MAX_RECORDS_PER_CALL, int(rate_per_s)))
+        self.max_batch = (
+            MAX_RECORDS_PER_CALL if not rate_per_s else max(1, min(MAX_RECORDS_PER_CALL, int(rate_per_s)))
+        )
         self._jitter = random.Random()
 
     def put(self, records: Iterable[GeneratedRecord]) -> PublishStats:
@@ -100,7 +108,9 @@ class KinesisPublisher:
         pending = batch
         for attempt in range(1, self.max_attempts + 1):
             if attempt > 1:
-                self.sleep(backoff_delay(attempt - 1, self._jitter.random(), self.backoff_base_s, self.backoff_cap_s))
+                self.sleep(
+                    backoff_delay(attempt - 1, self._jitter.random(), self.backoff_base_s, self.backoff_cap_s)
+                )
                 stats.retried_records += len(pending)
             response = self.client.put_records(
                 StreamName=self.stream_name,
@@ -135,7 +145,9 @@ def write_jsonl(path: str | Path, records: Iterable[GeneratedRecord]) -> Publish
     with path.open("wb") as out:
         for record in records:
             if b"\n" in record.data:
-                raise ValueError(f"record for {record.partition_key} contains a raw newline; it cannot be one line")
+                raise ValueError(
+                    f"record for {record.partition_key} contains a raw newline; it cannot be one line"
+                )
             out.write(record.data + b"\n")
             stats.records_put += 1
             stats.bytes_put += len(record.data)
@@ -211,4 +223,3 @@ def write_generated_jsonl(
         return deliver(region, str(paths[region]), records, lambda rs: write_jsonl(paths[region], rs))
 
     return _per_region(config, job)
-

@@ -72,10 +72,20 @@ def read_movielens(path: Path) -> list[Interaction]:
             try:
                 user, item, rating, ts = (int(p) for p in parts)
             except ValueError:
-                raise _fail(path, line_no, "expected user<TAB>item<TAB>rating<TAB>unix_ts (integers)") from None
+                raise _fail(
+                    path, line_no, "expected user<TAB>item<TAB>rating<TAB>unix_ts (integers)"
+                ) from None
             if rating not in RATING_EVENT:
                 raise _fail(path, line_no, f"rating {rating} is not 1-5")
-            rows.append((ts * 1000, f"ml-u{user}", f"ml-i{item}", RATING_EVENT[rating], _event_id("movielens", line_no, line)))
+            rows.append(
+                (
+                    ts * 1000,
+                    f"ml-u{user}",
+                    f"ml-i{item}",
+                    RATING_EVENT[rating],
+                    _event_id("movielens", line_no, line),
+                )
+            )
     # MovieLens has no sessions: a user's session ends at a gap of more than 30 minutes.
     rows.sort(key=lambda r: (r[1], r[0]))
     out, session, prev = [], "", None
@@ -103,9 +113,20 @@ def read_diginetica(path: Path) -> list[Interaction]:
                 ts = int(day.timestamp() * 1000) + int(timeframe)
                 int(session), int(item)
             except ValueError:
-                raise _fail(path, line_no, "expected session_id;user_id;item_id;timeframe;YYYY-MM-DD") from None
+                raise _fail(
+                    path, line_no, "expected session_id;user_id;item_id;timeframe;YYYY-MM-DD"
+                ) from None
             user_id = f"dg-s{session}" if user in ("NA", "") else f"dg-u{user}"
-            out.append(Interaction(ts, user_id, f"dg-i{item}", "view", f"dg-s{session}", _event_id("diginetica", line_no, line)))
+            out.append(
+                Interaction(
+                    ts,
+                    user_id,
+                    f"dg-i{item}",
+                    "view",
+                    f"dg-s{session}",
+                    _event_id("diginetica", line_no, line),
+                )
+            )
     return out
 
 

@@ -23,9 +23,27 @@ from streamrec.events import format_ts
 DEVICES: tuple[str, ...] = ("desktop", "mobile", "tablet", "app", "other")
 _DEVICE_P = (0.45, 0.38, 0.05, 0.10, 0.02)
 _CATEGORY_NAMES = (
-    "electronics", "books", "home", "garden", "toys", "sports", "beauty", "fashion", "grocery", "music",
-    "movies", "games", "office", "pets", "auto", "health", "baby", "tools", "jewelry", "outdoor",
-)  # fmt: skip
+    "electronics",
+    "books",
+    "home",
+    "garden",
+    "toys",
+    "sports",
+    "beauty",
+    "fashion",
+    "grocery",
+    "music",
+    "movies",
+    "games",
+    "office",
+    "pets",
+    "auto",
+    "health",
+    "baby",
+    "tools",
+    "jewelry",
+    "outdoor",
+)
 _USER_AGENTS = {
     "desktop": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36",
     "mobile": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148",
@@ -117,7 +135,9 @@ def build_truth(config: GeneratorConfig) -> Truth:
         [rng.permutation(k)[: min(k, config.categories)], rng.integers(0, k, max(0, config.categories - k))]
     )
     item_category = rng.integers(0, config.categories, n_items)
-    item_vectors = _unit(centres[category_topic[item_category]] + 0.35 * _unit(rng.standard_normal((n_items, d))))
+    item_vectors = _unit(
+        centres[category_topic[item_category]] + 0.35 * _unit(rng.standard_normal((n_items, d)))
+    )
     # Popularity rank is independent of topic, so popularity and preference are separable signals.
     rank = rng.permutation(n_items)
     popularity = (rank + 1.0) ** -config.zipf_exponent
@@ -148,7 +168,10 @@ def build_truth(config: GeneratorConfig) -> Truth:
             vectors=vectors,
             activity=activity / activity.sum(),
             device=urng.choice(len(DEVICES), n_users, p=_DEVICE_P),
-            ip=[f"{_IP_PREFIXES[a % 3]}{b}" for a, b in zip(urng.integers(0, 3, n_users), urng.integers(1, 255, n_users))],
+            ip=[
+                f"{_IP_PREFIXES[a % 3]}{b}"
+                for a, b in zip(urng.integers(0, 3, n_users), urng.integers(1, 255, n_users))
+            ],
             bot_ids=[user_id(first_bot + i) for i in range(n_bots)],
         )
     return Truth(

@@ -14,19 +14,24 @@ import yaml
 from typer.testing import CliRunner
 
 from streamrec.aws import client
+from streamrec.cli.events import app
 from streamrec.clickstream.config import GeneratorConfig
 from streamrec.clickstream.generate import generate_region
 from streamrec.clickstream.publish import KinesisPublisher, PublishError, publish_generated
-from streamrec.cli.events import app
 from streamrec.devstack.service import ServiceHandle
 from streamrec.settings import AwsSettings, RegionSettings, Settings
 
 REGION = "us-east-1"
 END = datetime(2024, 5, 1, tzinfo=UTC)
 CONFIG = GeneratorConfig(
-    seed=11, regions=(REGION,), users_per_region=200, items=300, events_per_region=2_000, end=END,
+    seed=11,
+    regions=(REGION,),
+    users_per_region=200,
+    items=300,
+    events_per_region=2_000,
+    end=END,
     malformed_share=0.02,  # includes oversize records of 8-10 KiB
-)  # fmt: skip
+)
 
 
 @pytest.fixture
@@ -58,9 +63,9 @@ def read_stream(kinesis: Any, stream: str) -> dict[str, list[bytes]]:
     out: dict[str, list[bytes]] = {}
     for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
         sid = shard["ShardId"]
-        iterator = kinesis.get_shard_iterator(StreamName=stream, ShardId=sid, ShardIteratorType="TRIM_HORIZON")[
-            "ShardIterator"
-        ]
+        iterator = kinesis.get_shard_iterator(
+            StreamName=stream, ShardId=sid, ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
         out[sid] = []
         while True:
             response = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
@@ -88,15 +93,22 @@ class FaultInjectingKinesis:
         self.calls = 0
         self.injected = 0
 
-    def put_records(self, *, StreamName: str, Records: list[dict]) -> dict:  # noqa: N803 (boto3's names)
+    def put_records(self, *, StreamName: str, Records: list[dict]) -> dict:
         self.calls += 1
         if self.calls > self.failing_calls:
             return self.real.put_records(StreamName=StreamName, Records=Records)
         fail = {i for i in range(len(Records)) if i % self.fail_every == 0}
         passed = [i for i in range(len(Records)) if i not in fail]
-        answers = self.real.put_records(StreamName=StreamName, Records=[Records[i] for i in passed])["Records"] if passed else []
+        answers = (
+            self.real.put_records(StreamName=StreamName, Records=[Records[i] for i in passed])["Records"]
+            if passed
+            else []
+        )
         merged: list[dict] = [
-            {"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": f"Rate exceeded ({StreamName})"}
+            {
+                "ErrorCode": "ProvisionedThroughputExceededException",
+                "ErrorMessage": f"Rate exceeded ({StreamName})",
+            }
         ] * len(Records)
         for i, answer in zip(passed, answers):
             merged[i] = answer
@@ -118,7 +130,9 @@ def test_every_record_arrives_once_across_three_shards(kinesis: Any, make_stream
     assert len(stats.per_shard) == 3 and min(stats.per_shard.values()) > 0  # user keys spread over shards
 
 
-def test_failed_records_are_retried_alone_until_they_arrive(kinesis: Any, make_stream: Callable[..., str]) -> None:
+def test_failed_records_are_retried_alone_until_they_arrive(
+    kinesis: Any, make_stream: Callable[..., str]
+) -> None:
     stream = make_stream(shards=3)
     records = list(generate_region(CONFIG, REGION))[:1_200]
     flaky = FaultInjectingKinesis(kinesis, fail_every=7, failing_calls=2)
@@ -138,7 +152,9 @@ def test_records_that_keep_failing_raise_a_clear_error(kinesis: Any, make_stream
     records = list(generate_region(CONFIG, REGION))[:20]
     always = FaultInjectingKinesis(kinesis, fail_every=10, failing_calls=10**9)
     publisher = KinesisPublisher(always, stream, max_attempts=3, backoff_base_s=0.001)
-    with pytest.raises(PublishError, match=r"1 records still failing .* after 3 PutRecords attempts .*ProvisionedThroughput"):
+    with pytest.raises(
+        PublishError, match=r"1 records still failing .* after 3 PutRecords attempts .*ProvisionedThroughput"
+    ):
         publisher.put(records)
     assert always.calls == 3
 
@@ -159,7 +175,9 @@ def test_rate_limit_paces_calls_without_losing_records(kinesis: Any, make_stream
 
 def _settings(aws: AwsSettings, streams: dict[str, str], tmp_path: Path) -> Settings:
     regions = {
-        region: RegionSettings.default_for(region, f"file://{tmp_path}/lake").model_copy(update={"stream_name": name})
+        region: RegionSettings.default_for(region, f"file://{tmp_path}/lake").model_copy(
+            update={"stream_name": name}
+        )
         for region, name in streams.items()
     }
     return Settings(aws=aws, regions=regions)
@@ -186,22 +204,51 @@ def test_cli_generate_and_replay_to_kinesis(
 ) -> None:
     stream = make_stream(shards=2)
     config_path = tmp_path / "streamrec.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "aws": aws.model_dump(exclude_none=True),
-        "regions": {REGION: {**RegionSettings.default_for(REGION, f"file://{tmp_path}/lake").model_dump(), "stream_name": stream}},
-    }))  # fmt: skip
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "aws": aws.model_dump(exclude_none=True),
+                "regions": {
+                    REGION: {
+                        **RegionSettings.default_for(REGION, f"file://{tmp_path}/lake").model_dump(),
+                        "stream_name": stream,
+                    }
+                },
+            }
+        )
+    )
     runner = CliRunner()
-    result = runner.invoke(app, ["generate", "-r", REGION, "-n", "300", "--users", "40", "--items", "80",
-                                 "--end", "2024-05-01T00:00:00Z", "--config", str(config_path)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "-r",
+            REGION,
+            "-n",
+            "300",
+            "--users",
+            "40",
+            "--items",
+            "80",
+            "--end",
+            "2024-05-01T00:00:00Z",
+            "--config",
+            str(config_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "records per shard" in result.output
 
     movielens = tmp_path / "u.data"
     movielens.write_text("1\t10\t5\t881250949\n2\t20\t1\t881250950\n")
-    result = runner.invoke(app, ["replay", str(movielens), "-f", "movielens", "-r", REGION, "--config", str(config_path)])
+    result = runner.invoke(
+        app, ["replay", str(movielens), "-f", "movielens", "-r", REGION, "--config", str(config_path)]
+    )
     assert result.exit_code == 0, result.output
 
-    expected = GeneratorConfig(regions=(REGION,), users_per_region=40, items=80, events_per_region=300, end=END)
+    expected = GeneratorConfig(
+        regions=(REGION,), users_per_region=40, items=80, events_per_region=300, end=END
+    )
     arrived = all_data(read_stream(kinesis, stream))
     assert sum(arrived.values()) == 302
     assert Counter(r.data for r in generate_region(expected, REGION)) <= arrived
@@ -211,13 +258,23 @@ def test_cli_names_a_missing_stream_in_one_line(aws: AwsSettings, tmp_path: Path
     from streamrec.cli.common import UserError
 
     config_path = tmp_path / "streamrec.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "aws": aws.model_dump(exclude_none=True),
-        "regions": {REGION: {**RegionSettings.default_for(REGION, f"file://{tmp_path}/lake").model_dump(),
-                             "stream_name": "no-such-stream"}},
-    }))  # fmt: skip
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "aws": aws.model_dump(exclude_none=True),
+                "regions": {
+                    REGION: {
+                        **RegionSettings.default_for(REGION, f"file://{tmp_path}/lake").model_dump(),
+                        "stream_name": "no-such-stream",
+                    }
+                },
+            }
+        )
+    )
     result = CliRunner().invoke(app, ["generate", "-r", REGION, "-n", "50", "--config", str(config_path)])
     assert isinstance(result.exception, UserError)
     assert "no-such-stream" in str(result.exception) or "ResourceNotFound" in str(result.exception)
-    result = CliRunner().invoke(app, ["generate", "-r", "eu-west-1", "-n", "50", "--config", str(config_path)])
+    result = CliRunner().invoke(
+        app, ["generate", "-r", "eu-west-1", "-n", "50", "--config", str(config_path)]
+    )
     assert isinstance(result.exception, UserError) and "regions.eu-west-1" in str(result.exception)

@@ -245,6 +245,9 @@ INVALID = [
     pytest.param(raw(event(ts=1764144930)), "schema", "ts", id="ts-epoch-int"),
     pytest.param(raw(event(ts="yesterday")), "schema", "ts", id="ts-text"),
     pytest.param(raw(event(ts="2026-02-30T00:00:00Z")), "schema", "ts", id="ts-impossible-date"),
+    pytest.param(raw(event(ts="2026-11-26T08:15:30.1234567Z")), "schema", "ts", id="ts-nanoseconds"),
+    pytest.param(raw(event(ts="2026-11-26T23:59:60Z")), "schema", "ts", id="ts-leap-second"),
+    pytest.param(raw(event(ts="２０２６-11-26T08:15:30Z")), "schema", "ts", id="ts-non-ascii-digits"),
     # unknown top-level field
     pytest.param(
         raw(event(extra="x")), "schema", "extra: Extra inputs are not permitted", id="unknown-field"
@@ -285,8 +288,8 @@ def test_size_limit_is_configurable_and_inclusive() -> None:
     ],
 )
 def test_every_accepted_event_can_be_canonically_encoded(ts: str) -> None:
-    """BUG: parse_event accepts timestamps whose UTC form is outside datetime's range; encode_event then
-    raises OverflowError instead of the record being rejected as a schema error on ``ts``."""
+    """A timestamp whose UTC form is outside datetime's range was once accepted and then made
+    encode_event raise OverflowError; it must be rejected as a schema error on ``ts`` (or encode)."""
     data = raw(event(ts=ts))
     try:
         parsed = parse_event(data)

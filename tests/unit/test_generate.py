@@ -11,12 +11,12 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from streamrec.cli.events import app
 from streamrec.clickstream.config import GeneratorConfig
 from streamrec.clickstream.generate import SESSION_GAP_MS, generate, generate_region
 from streamrec.clickstream.malformed import MALFORMED_REASONS, PARSE_REASON
 from streamrec.clickstream.records import GeneratedRecord
 from streamrec.clickstream.truth import Truth, build_truth, write_truth
-from streamrec.cli.events import app
 from streamrec.events import EVENT_TYPES, InvalidEvent, encode_event, parse_event
 
 END = datetime(2024, 5, 1, tzinfo=UTC)
@@ -97,7 +97,9 @@ def test_duplicates_resend_the_exact_bytes_of_an_earlier_record(records: list[Ge
     assert len(seen) == sum(1 for r in records if r.kind in ("valid", "bot"))  # event ids are unique
 
 
-def test_records_come_in_time_order_and_regions_interleave(events: list[tuple[GeneratedRecord, dict]]) -> None:
+def test_records_come_in_time_order_and_regions_interleave(
+    events: list[tuple[GeneratedRecord, dict]],
+) -> None:
     for region in CONFIG.regions:
         ts = [_ms(e["ts"]) for r, e in events if r.region == region]
         assert ts == sorted(ts)
@@ -121,11 +123,17 @@ def test_users_belong_to_one_region_and_ids_have_the_documented_shape(
         assert e["item_id"][0] == "i" and len(e["item_id"]) == 7
     assert all(len(regions) == 1 for regions in region_of.values())
     for region, users in truth.regions.items():
-        assert {u for u, regions in region_of.items() if regions == {region}} <= set(users.user_ids + users.bot_ids)
+        assert {u for u, regions in region_of.items() if regions == {region}} <= set(
+            users.user_ids + users.bot_ids
+        )
 
 
-def test_users_interact_mostly_with_their_planted_topic(events: list[tuple[GeneratedRecord, dict]], truth: Truth) -> None:
-    top_topic = {u: t for users in truth.regions.values() for u, t in zip(users.user_ids, users.top_topic.tolist())}
+def test_users_interact_mostly_with_their_planted_topic(
+    events: list[tuple[GeneratedRecord, dict]], truth: Truth
+) -> None:
+    top_topic = {
+        u: t for users in truth.regions.values() for u, t in zip(users.user_ids, users.top_topic.tolist())
+    }
     item_topic = dict(zip(truth.item_ids, truth.item_topic.tolist()))
     human = [e for r, e in events if r.kind == "valid"]
     share = np.mean([item_topic[e["item_id"]] == top_topic[e["user_id"]] for e in human])
@@ -147,7 +155,9 @@ def test_item_popularity_is_heavy_tailed(events: list[tuple[GeneratedRecord, dic
     assert counts[0] > 20 * np.median(counts)
 
 
-def test_no_item_appears_before_it_is_first_seen(events: list[tuple[GeneratedRecord, dict]], truth: Truth) -> None:
+def test_no_item_appears_before_it_is_first_seen(
+    events: list[tuple[GeneratedRecord, dict]], truth: Truth
+) -> None:
     first_seen = dict(zip(truth.item_ids, truth.item_first_seen_ms.tolist()))
     assert all(_ms(e["ts"]) >= first_seen[e["item_id"]] for _, e in events)
     start = _ms(CONFIG.window[0].isoformat())
@@ -170,7 +180,9 @@ def test_sessions_follow_the_funnel_in_time_and_users_rest_between_sessions(
         ts = [_ms(e["ts"]) for e in evs]
         assert ts == sorted(ts) and len(set(ts)) == len(ts)  # strictly increasing within a session
         assert len({e["user_id"] for e in evs}) == 1
-        reached: Counter[tuple[str, int]] = Counter()  # each step of the funnel follows the step before, same item
+        reached: Counter[tuple[str, int]] = (
+            Counter()
+        )  # each step of the funnel follows the step before, same item
         for e in evs:
             step = EVENT_TYPES.index(e["event_type"])
             if step > 0:
@@ -234,7 +246,9 @@ def test_config_without_end_ends_at_the_current_hour() -> None:
 
 
 def test_too_dense_a_config_is_refused_with_advice() -> None:
-    dense = GeneratorConfig(users_per_region=2, events_per_region=20_000, days=1, regions=("us-east-1",), end=END)
+    dense = GeneratorConfig(
+        users_per_region=2, events_per_region=20_000, days=1, regions=("us-east-1",), end=END
+    )
     with pytest.raises(ValueError, match="30 minutes apart"):
         list(generate(dense))
 
@@ -243,9 +257,24 @@ def test_cli_generate_writes_replayable_jsonl_and_truth(tmp_path) -> None:
     out = tmp_path / "clicks-{region}.jsonl"
     result = CliRunner().invoke(
         app,
-        ["generate", "--to", "jsonl", "--out", str(out), "-n", "500", "--users", "50", "--items", "100",
-         "--end", "2024-05-01T00:00:00Z", "--truth-out", str(tmp_path / "truth.json")],
-    )  # fmt: skip
+        [
+            "generate",
+            "--to",
+            "jsonl",
+            "--out",
+            str(out),
+            "-n",
+            "500",
+            "--users",
+            "50",
+            "--items",
+            "100",
+            "--end",
+            "2024-05-01T00:00:00Z",
+            "--truth-out",
+            str(tmp_path / "truth.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     expected = GeneratorConfig(users_per_region=50, items=100, events_per_region=500, end=END)
     for region in expected.regions:
@@ -264,7 +293,9 @@ def test_cli_generate_writes_replayable_jsonl_and_truth(tmp_path) -> None:
         (["--end", "yesterday", "--to", "jsonl", "--out", "x.jsonl"], "ISO 8601"),
     ],
 )
-def test_cli_generate_user_mistakes_are_one_line_errors(tmp_path, monkeypatch, args: list[str], message: str) -> None:
+def test_cli_generate_user_mistakes_are_one_line_errors(
+    tmp_path, monkeypatch, args: list[str], message: str
+) -> None:
     from streamrec.cli.common import UserError
 
     monkeypatch.chdir(tmp_path)

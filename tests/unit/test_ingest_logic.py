@@ -11,7 +11,6 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
@@ -19,7 +18,7 @@ from ingest.buffer import DEAD_LETTER_SCHEMA, MS_PER_HOUR, RAW_SCHEMA, ShardBuff
 from ingest.dedup import DedupWindow
 from ingest.leases import SHARD_END, TRIM_HORIZON, ExpiryTracker, Lease, eligible, plan_takes
 from ingest.sinks import LakeSink
-from ingest.transform import DeadColumns, RowColumns, TransformConfig, Transformer, hash_pii
+from ingest.transform import TransformConfig, Transformer, hash_pii
 from streamrec.events import canonical_json
 from streamrec.lake import LakeLayout, batch_file_name
 
@@ -98,7 +97,8 @@ def owners(table: list[Lease]) -> Counter[str | None]:
     return Counter(l.owner for l in table)
 
 
-def apply_plan(table: list[Lease], worker: str, expired: set[str] | None = None, seed: int = 0) -> list[Lease]:
+def apply_plan(table: list[Lease], worker: str, expired: set[str] | None = None,
+               seed: int = 0) -> list[Lease]:
     plan = plan_takes(worker, table, expired or set(), random.Random(seed))
     moved = set(plan.take) | ({plan.steal} if plan.steal else set())
     return [Lease(l.shard_id, worker if l.shard_id in moved else l.owner, l.counter + (l.shard_id in moved),
@@ -137,10 +137,22 @@ def test_two_workers_converge_to_two_each(seed: int) -> None:
         assert plan.take == () and plan.steal is None
 
 
+def test_three_workers_converge_without_churn() -> None:
+    table = leases({f"s{i}": None for i in range(8)})
+    for _ in range(12):
+        for worker in ("A", "B", "C"):
+            table = apply_plan(table, worker)
+    assert sorted(owners(table).values()) == [2, 3, 3] and None not in owners(table)
+    for worker in ("A", "B", "C"):
+        plan = plan_takes(worker, table, set(), random.Random(0))
+        assert plan.take == () and plan.steal is None
+
+
 @pytest.mark.parametrize(("spec", "worker", "steal_from"), [
     pytest.param({"s0": "A", "s1": "A", "s2": "A", "s3": "A"}, "B", "A", id="4-0-steals"),
     pytest.param({"s0": "A", "s1": "A", "s2": "A", "s3": "B"}, "B", "A", id="3-1-steals"),
-    pytest.param({"s0": "A", "s1": "A", "s2": "A", "s3": "B"}, "C", "A", id="new-worker-steals-from-most-loaded"),
+    pytest.param({"s0": "A", "s1": "A", "s2": "A", "s3": "B"}, "C", "A",
+                 id="new-worker-steals-from-most-loaded"),
     pytest.param({"s0": "B", "s1": "A", "s2": "A", "s3": "A", "s4": "B", "s5": "C"}, "D", "A",
                  id="most-loaded-of-three"),
     pytest.param({"s0": "B", "s1": "A", "s2": "A", "s3": "B"}, "C", "A", id="tie-breaks-by-name"),
@@ -199,7 +211,8 @@ def test_own_expired_leases_are_not_taken() -> None:
 @pytest.mark.parametrize(("table", "expected"), [
     pytest.param([Lease("p"), Lease("c1", parents=("p",)), Lease("c2", parents=("p",))], ["p"],
                  id="split-parent-open"),
-    pytest.param([Lease("p", checkpoint="495"), Lease("c1", parents=("p",)), Lease("c2", parents=("p",))], ["p"],
+    pytest.param([Lease("p", checkpoint="495"), Lease("c1", parents=("p",)), Lease("c2", parents=("p",))],
+                 ["p"],
                  id="split-parent-partly-read"),
     pytest.param([Lease("p", checkpoint=SHARD_END), Lease("c1", parents=("p",)), Lease("c2", parents=("p",))],
                  ["c1", "c2"], id="split-parent-ended"),
@@ -272,99 +285,141 @@ def test_free_leases_never_expire() -> None:
 def test_expiry_is_per_lease() -> None:
     tracker = ExpiryTracker(duration=10.0)
     tracker.observe([Lease("a", owner="A", counter=1), Lease("b", owner="B", counter=1)], 0.0)
-    assert tracker.observe([Lease("a", owner="A", counter=2), Lease("b", owner="B", counter=1)], 10.0) == {"b"}
+    scan = [Lease("a", owner="A", counter=2), Lease("b", owner="B", counter=1)]
+    assert tracker.observe(scan, 10.0) == {"b"}
 
 
 # ---------------------------------------------------------------------------------------------------
-# transform
+# transform (through the shard buffer, whose drained Arrow tables are what reaches the lake)
+
+SHARD = "shardId-000000000001"
 
 
 def transformer(skew_ms: int = 300_000, window: int = 1000, salt: bytes = b"salt") -> Transformer:
-    return Transformer(TransformConfig(region=REGION, max_future_skew_ms=skew_ms, pii_salt=salt), DedupWindow(window))
+    config = TransformConfig(region=REGION, max_future_skew_ms=skew_ms, pii_salt=salt)
+    return Transformer(config, DedupWindow(window))
 
 
-def apply(t: Transformer, data: bytes, received_ms: int = RECEIVED_MS, seq: str = "1") -> tuple[str, RowColumns, DeadColumns]:
-    rows, dead = RowColumns(), DeadColumns()
-    return t.apply(data, seq, "pk", received_ms, rows, dead), rows, dead
+def buffer(max_records: int = 100_000, max_bytes: int = 1 << 30, max_age_ms: float = 1e12,
+           t: Transformer | None = None) -> ShardBuffer:
+    return ShardBuffer(SHARD, t or transformer(), max_records, max_bytes, max_age_ms)
+
+
+def feed_one(buf: ShardBuffer, data: bytes, seq: str, received_ms: int = RECEIVED_MS, now_ms: float = 0,
+             pk: str = "pk") -> str:
+    """Add one record; return 'ok', 'duplicate' or 'dead:<reason>'."""
+    out = buf.extend([(data, seq, pk, received_ms)], now_ms)
+    if out.ok:
+        return "ok"
+    if out.duplicate:
+        return "duplicate"
+    (reason,) = out.dead
+    return f"dead:{reason}"
+
+
+def rows(batch: Any) -> list[dict[str, Any]]:
+    return [r for _, t in sorted(batch.raw.items()) for r in t.to_pylist()]
+
+
+def dead_rows(batch: Any) -> list[dict[str, Any]]:
+    return [r for _, t in sorted(batch.dead.items()) for r in t.to_pylist()]
+
+
+def one(data: bytes, received_ms: int = RECEIVED_MS, **kw: Any) -> tuple[str, Any]:
+    buf = buffer(t=transformer(**kw))
+    outcome = feed_one(buf, data, "4960", received_ms)
+    return outcome, buf.drain()
+
+
+def epoch_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
 
 
 @pytest.mark.parametrize(("ts_offset_ms", "outcome"), [
     (-86_400_000, "ok"),            # a day late: fine (late data is normal)
     (0, "ok"),
     (300_000, "ok"),                # exactly at the allowed skew
-    (300_001, "dead"),
-    (3 * 86_400_000, "dead"),       # days ahead
+    (300_001, "dead:future_ts"),
+    (3 * 86_400_000, "dead:future_ts"),   # days ahead
 ])
 def test_future_timestamps_are_dead_lettered(ts_offset_ms: int, outcome: str) -> None:
     data = encode(make_event(ts=ms_to_iso(RECEIVED_MS + ts_offset_ms)))
-    got, rows, dead = apply(transformer(), data)
+    got, batch = one(data)
     assert got == outcome
-    if outcome == "dead":
-        assert dead.reason == ["future_ts"]
-        assert dead.data == [data]
-        assert f"{ts_offset_ms // 1000} s" in dead.detail[0]
-        assert len(rows) == 0
+    if outcome == "ok":
+        assert [epoch_ms(r["ts"]) for r in rows(batch)] == [RECEIVED_MS + ts_offset_ms]
+        assert dead_rows(batch) == []
     else:
-        assert len(rows) == 1 and len(dead) == 0
-        assert rows.ts_ms == [RECEIVED_MS + ts_offset_ms]
+        (dead,) = dead_rows(batch)
+        assert dead["reason"] == "future_ts" and dead["data"] == data
+        assert f"{ts_offset_ms // 1000} s" in dead["detail"]
+        assert rows(batch) == []
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"{nope", "malformed_json"),
-    (b"\xff\xfe", "invalid_utf8"),
-    (b"[]", "not_an_object"),
-    (b"x" * 9000, "oversize"),
-    (encode(make_event(user_id=7)), "schema"),
+@pytest.mark.parametrize(("data", "reason", "detail"), [
+    (b"{nope", "malformed_json", "Invalid JSON"),
+    (b"\xff\xfe", "invalid_utf8", "0xff"),
+    (b"[]", "not_an_object", "object"),
+    (b"x" * 9000, "oversize", "9000"),
+    (encode(make_event(user_id=7)), "schema", "user_id"),
+    (encode(make_event(event_type="hover")), "schema", "event_type"),
+    (encode(make_event(ts="2026-11-26T10:00:00")), "schema", "ts"),
 ])
-def test_invalid_records_are_dead_lettered_with_their_bytes(data: bytes, reason: str) -> None:
-    got, rows, dead = apply(transformer(), data, seq="4960")
-    assert got == "dead"
-    assert len(rows) == 0
-    assert dead.reason == [reason]
-    assert dead.data == [data]
-    assert dead.partition_key == ["pk"] and dead.sequence_number == ["4960"] and dead.received_ms == [RECEIVED_MS]
+def test_invalid_records_are_dead_lettered_with_their_bytes(data: bytes, reason: str, detail: str) -> None:
+    got, batch = one(data)
+    assert got == f"dead:{reason}"
+    assert rows(batch) == []
+    (dead,) = dead_rows(batch)
+    assert dead["reason"] == reason and detail in dead["detail"]
+    assert dead["data"] == data
+    assert (dead["partition_key"], dead["sequence_number"], dead["shard_id"]) == ("pk", "4960", SHARD)
+    assert epoch_ms(dead["received_at"]) == RECEIVED_MS
+    assert batch.dead_reasons == Counter({reason: 1})
 
 
 def test_dead_letter_detail_is_bounded() -> None:
     obj = make_event(**{f"unknown_field_{i:03d}": i for i in range(200)})
-    got, _, dead = apply(transformer(), encode(obj)[:8000])
-    assert got == "dead"
-    assert 0 < len(dead.detail[0]) <= 2000
+    got, batch = one(encode(obj))
+    assert got == "dead:schema"
+    (dead,) = dead_rows(batch)
+    assert 0 < len(dead["detail"]) <= 2000
 
 
 def test_duplicates_are_dropped_within_the_window() -> None:
-    t = transformer(window=10)
+    buf = buffer(t=transformer(window=10))
     obj = make_event()
-    rows, dead = RowColumns(), DeadColumns()
-    outcomes = [t.apply(encode(obj), str(i), "pk", RECEIVED_MS, rows, dead) for i in range(3)]
+    outcomes = [feed_one(buf, encode(obj), str(i)) for i in range(3)]
     assert outcomes == ["ok", "duplicate", "duplicate"]
     # The same id in another spelling (upper case) is the same event.
-    assert t.apply(encode({**obj, "event_id": obj["event_id"].upper()}), "9", "pk", RECEIVED_MS, rows, dead) == "duplicate"
-    assert rows.event_id == [obj["event_id"]] and rows.sequence_number == ["0"]
+    assert feed_one(buf, encode({**obj, "event_id": obj["event_id"].upper()}), "9") == "duplicate"
+    batch = buf.drain()
+    assert [(r["event_id"], r["sequence_number"]) for r in rows(batch)] == [(obj["event_id"], "0")]
+    assert batch.duplicates == 3 and batch.records == 4
 
 
 def test_dead_letters_do_not_enter_the_dedup_window() -> None:
-    t = transformer()
+    buf = buffer()
     obj = make_event(ts=ms_to_iso(RECEIVED_MS + 86_400_000))
-    assert apply(t, encode(obj))[0] == "dead"
+    assert feed_one(buf, encode(obj), "1") == "dead:future_ts"
     # The same event later arrives with a sane clock: it is accepted, not called a duplicate.
-    assert apply(t, encode({**obj, "ts": ms_to_iso(RECEIVED_MS)}))[0] == "ok"
+    assert feed_one(buf, encode({**obj, "ts": ms_to_iso(RECEIVED_MS)}), "2") == "ok"
 
 
 def test_pii_is_hashed_and_never_stored_raw() -> None:
     ip, ua = "203.0.113.77", "Mozilla/5.0 (SecretBrowser)"
     obj = make_event(context={"ip": ip, "user_agent": ua, "device": "mobile", "price": 12.5, "category": "c"})
-    t = transformer(salt=b"pepper")
-    got, rows, _ = apply(t, encode(obj))
+    got, batch = one(encode(obj), salt=b"pepper")
     assert got == "ok"
-    assert rows.ip_hash == [hash_pii(ip, b"pepper")] and rows.ua_hash == [hash_pii(ua, b"pepper")]
-    assert rows.device == ["mobile"] and rows.price == [12.5] and rows.category == ["c"]
-    buf = ShardBuffer("shard-0", transformer(salt=b"pepper"), 100, 1 << 20, 60_000)
-    buf.add(encode(obj), "1", "u1", RECEIVED_MS, 0)
-    table = next(iter(buf.drain().raw.values()))
-    cells = [str(v) for row in table.to_pylist() for v in row.values()]
-    assert not any(ip in c or ua in c for c in cells)
-    assert table.column("ip_hash").to_pylist() == [hash_pii(ip, b"pepper")]
+    (row,) = rows(batch)
+    assert row["ip_hash"] == hash_pii(ip, b"pepper") and row["ua_hash"] == hash_pii(ua, b"pepper")
+    assert (row["device"], row["price"], row["category"]) == ("mobile", 12.5, "c")
+    assert "ip" not in row and "user_agent" not in row
+    assert not any(ip in str(v) or ua in str(v) for v in row.values())
+    # Another salt gives other hashes; the same salt the same ones (joinable across batches).
+    _, other = one(encode(obj), salt=b"other")
+    assert rows(other)[0]["ip_hash"] != row["ip_hash"]
+    _, same = one(encode(obj), salt=b"pepper")
+    assert rows(same)[0]["ip_hash"] == row["ip_hash"]
 
 
 @pytest.mark.parametrize(("a", "b", "same"), [
@@ -374,21 +429,34 @@ def test_pii_is_hashed_and_never_stored_raw() -> None:
 ])
 def test_hash_pii_is_stable_and_salted(a: tuple[str, bytes], b: tuple[str, bytes], same: bool) -> None:
     assert (hash_pii(*a) == hash_pii(*b)) is same
-    assert hash_pii(*a) != a[0] and len(hash_pii(*a)) == 32
+    assert a[0] not in hash_pii(*a) and len(hash_pii(*a)) >= 32
 
 
 def test_missing_context_gives_null_columns() -> None:
-    got, rows, _ = apply(transformer(), encode(make_event()))
+    got, batch = one(encode(make_event()))
     assert got == "ok"
-    assert [rows.device, rows.price, rows.ip_hash, rows.ua_hash] == [[None]] * 4
+    (row,) = rows(batch)
+    columns = ("device", "page", "referrer", "price", "category", "ip_hash", "ua_hash")
+    assert [row[c] for c in columns] == [None] * 7
+
+
+def test_accepted_row_carries_the_event_and_server_fields() -> None:
+    obj = make_event(event_id=str(uuid.uuid4()).upper(), context={"price": 3.5, "page": "/x"},
+                     ts="2026-11-26T12:29:58.5+02:00")
+    got, batch = one(json.dumps(obj, indent=2).encode())
+    assert got == "ok"
+    (row,) = rows(batch)
+    assert row["event_id"] == obj["event_id"].lower()
+    assert (row["user_id"], row["session_id"], row["item_id"], row["event_type"], row["client_region"]) == (
+        "u1", "s1", "i1", "view", REGION)
+    assert (row["price"], row["page"]) == (3.5, "/x")
+    assert epoch_ms(row["ts"]) == RECEIVED_MS - 1500
+    assert epoch_ms(row["received_at"]) == RECEIVED_MS
+    assert (row["shard_id"], row["sequence_number"]) == (SHARD, "4960")
 
 
 # ---------------------------------------------------------------------------------------------------
 # buffer
-
-
-def buffer(max_records: int = 1000, max_bytes: int = 1 << 20, max_age_ms: float = 60_000) -> ShardBuffer:
-    return ShardBuffer("shardId-000000000001", transformer(), max_records, max_bytes, max_age_ms)
 
 
 def test_empty_buffer_is_never_due() -> None:
@@ -398,7 +466,7 @@ def test_empty_buffer_is_never_due() -> None:
 @pytest.mark.parametrize(("limits", "adds", "now_ms", "due"), [
     pytest.param({"max_records": 3}, 2, 0, False, id="below-count"),
     pytest.param({"max_records": 3}, 3, 0, True, id="at-count"),
-    pytest.param({"max_bytes": 1024}, 2, 0, False, id="below-bytes"),
+    pytest.param({"max_bytes": 1024}, 5, 0, False, id="below-bytes"),
     pytest.param({"max_bytes": 1024}, 6, 0, True, id="at-bytes"),
     pytest.param({"max_age_ms": 1000}, 1, 999, False, id="young"),
     pytest.param({"max_age_ms": 1000}, 1, 1000, True, id="old"),
@@ -406,15 +474,16 @@ def test_empty_buffer_is_never_due() -> None:
 def test_buffer_due(limits: dict[str, Any], adds: int, now_ms: float, due: bool) -> None:
     buf = buffer(**limits)
     for i in range(adds):
-        buf.add(encode(make_event()), str(i), "pk", RECEIVED_MS, 0)
-    assert buf.bytes >= 180 * adds  # each event is ~200 bytes
+        # Exactly 200 bytes per record (padded with JSON whitespace).
+        data = encode(make_event())
+        feed_one(buf, data + b" " * (200 - len(data)), str(i))
     assert buf.due(now_ms) is due
 
 
 def test_buffer_age_counts_from_the_first_record() -> None:
     buf = buffer(max_age_ms=1000)
-    buf.add(encode(make_event()), "1", "pk", RECEIVED_MS, now_ms=500)
-    buf.add(encode(make_event()), "2", "pk", RECEIVED_MS, now_ms=1400)
+    feed_one(buf, encode(make_event()), "1", now_ms=500)
+    feed_one(buf, encode(make_event()), "2", now_ms=1400)
     assert not buf.due(1499)
     assert buf.due(1500)
 
@@ -429,11 +498,11 @@ def test_drain_hands_over_everything_and_resets() -> None:
         encode(make_event(user_id="u2", item_id="i9", event_type="purchase")),
         encode(make_event(ts=ms_to_iso(RECEIVED_MS + 10 * 86_400_000))),  # dead: future_ts
     ]
-    outcomes = [buf.add(r, f"49{i:03d}", "pk", RECEIVED_MS, 0) for i, r in enumerate(records)]
-    assert outcomes == ["ok", "duplicate", "dead", "ok", "dead"]
+    outcomes = [feed_one(buf, r, f"49{i:03d}") for i, r in enumerate(records)]
+    assert outcomes == ["ok", "duplicate", "dead:malformed_json", "ok", "dead:future_ts"]
     assert len(buf) == 5
     batch = buf.drain()
-    assert (batch.shard_id, batch.first_seq, batch.last_seq) == ("shardId-000000000001", "49000", "49004")
+    assert (batch.shard_id, batch.first_seq, batch.last_seq) == (SHARD, "49000", "49004")
     assert batch.records == 5 and batch.duplicates == 1
     assert batch.dead_reasons == Counter({"malformed_json": 1, "future_ts": 1})
     bucket = RECEIVED_MS // MS_PER_HOUR
@@ -442,25 +511,33 @@ def test_drain_hands_over_everything_and_resets() -> None:
     assert raw.schema == RAW_SCHEMA
     assert raw.column("user_id").to_pylist() == ["u1", "u2"]
     assert raw.column("sequence_number").to_pylist() == ["49000", "49003"]
-    assert raw.column("shard_id").to_pylist() == ["shardId-000000000001"] * 2
+    assert raw.column("shard_id").to_pylist() == [SHARD] * 2
     assert raw.column("event_type").to_pylist() == ["view", "purchase"]
-    assert [ts.timestamp() * 1000 for ts in raw.column("received_at").to_pylist()] == [RECEIVED_MS] * 2
-    assert [int(ts.timestamp() * 1000) for ts in raw.column("ts").to_pylist()] == [RECEIVED_MS - 1000] * 2
     dead = batch.dead[bucket]
     assert dead.schema == DEAD_LETTER_SCHEMA
     assert dead.column("reason").to_pylist() == ["malformed_json", "future_ts"]
     assert dead.column("data").to_pylist() == [records[2], records[4]]
     assert dead.column("sequence_number").to_pylist() == ["49002", "49004"]
-    # Empty again.
-    assert len(buf) == 0 and not buf.due(1e12) and buf.rows == {} and buf.dead == {}
-    buf.add(encode(make_event()), "50000", "pk", RECEIVED_MS, 0)
-    again = buf.drain()
-    assert (again.first_seq, again.last_seq, again.duplicates, again.dead_reasons) == ("50000", "50000", 0, Counter())
-
-
-def test_drain_of_an_empty_buffer_is_refused() -> None:
+    # Empty again, and the next batch starts its own range and counts.
+    assert len(buf) == 0 and not buf.due(1e12)
     with pytest.raises(AssertionError):
-        buffer().drain()
+        buf.drain()
+    feed_one(buf, encode(make_event()), "50000")
+    again = buf.drain()
+    assert (again.first_seq, again.last_seq, again.records, again.duplicates, again.dead_reasons) == (
+        "50000", "50000", 1, 0, Counter())
+
+
+def test_a_batch_of_only_duplicates_has_no_tables() -> None:
+    t = transformer()
+    obj = encode(make_event())
+    first = buffer(t=t)
+    feed_one(first, obj, "1")
+    first.drain()
+    second = buffer(t=t)
+    assert feed_one(second, obj, "2") == "duplicate"
+    batch = second.drain()
+    assert batch.raw == {} and batch.dead == {} and (batch.first_seq, batch.last_seq) == ("2", "2")
 
 
 def test_rows_are_partitioned_by_receive_hour_not_event_time() -> None:
@@ -468,10 +545,12 @@ def test_rows_are_partitioned_by_receive_hour_not_event_time() -> None:
     buf = buffer()
     # The event's own time is in the previous day: the partition still follows the receive time.
     old_ts = ms_to_iso(hour_start - 86_400_000)
-    buf.add(encode(make_event(item_id="a", ts=old_ts)), "1", "pk", hour_start - 1, 0)
-    buf.add(encode(make_event(item_id="b", ts=old_ts)), "2", "pk", hour_start, 0)
-    buf.add(b"bad", "3", "pk", hour_start, 0)
-    buf.add(encode(make_event(item_id="c", ts=old_ts)), "4", "pk", hour_start + MS_PER_HOUR - 1, 0)
+    buf.extend([
+        (encode(make_event(item_id="a", ts=old_ts)), "1", "pk", hour_start - 1),
+        (encode(make_event(item_id="b", ts=old_ts)), "2", "pk", hour_start),
+        (b"bad", "3", "pk", hour_start),
+        (encode(make_event(item_id="c", ts=old_ts)), "4", "pk", hour_start + MS_PER_HOUR - 1),
+    ], 0)
     batch = buf.drain()
     before, after = (hour_start - 1) // MS_PER_HOUR, hour_start // MS_PER_HOUR
     assert sorted(batch.raw) == [before, after]
@@ -482,7 +561,7 @@ def test_rows_are_partitioned_by_receive_hour_not_event_time() -> None:
     assert hour_partition(after) == ("2026-11-26", 11)
 
     sink = LakeSink(LakeLayout("file:///lake"), pafs.LocalFileSystem(), REGION)
-    name = batch_file_name("shardId-000000000001", "1", "4")
+    name = batch_file_name(SHARD, "1", "4")
     assert sink.paths(batch) == [
         f"/lake/raw/region={REGION}/dt=2026-11-26/hour=10/{name}",
         f"/lake/raw/region={REGION}/dt=2026-11-26/hour=11/{name}",
@@ -498,37 +577,32 @@ def test_rows_are_partitioned_by_receive_hour_not_event_time() -> None:
     (datetime(2028, 2, 29, 12, 0, tzinfo=UTC), ("2028-02-29", 12)),
 ])
 def test_hour_partition(received: datetime, expected: tuple[str, int]) -> None:
-    assert hour_partition(int(received.timestamp() * 1000) // MS_PER_HOUR) == expected
+    assert hour_partition(epoch_ms(received) // MS_PER_HOUR) == expected
 
 
 def test_lake_sink_writes_one_file_per_hour_named_after_the_range(tmp_path: Any) -> None:
     import pyarrow.parquet as pq
 
     buf = buffer()
-    buf.add(encode(make_event(item_id="a")), "100", "pk", RECEIVED_MS, 0)
-    buf.add(b"{", "101", "pk", RECEIVED_MS, 0)
-    buf.add(encode(make_event(item_id="b")), "102", "pk", RECEIVED_MS + MS_PER_HOUR, 0)
+    buf.extend([
+        (encode(make_event(item_id="a")), "100", "pk", RECEIVED_MS),
+        (b"{", "101", "pk", RECEIVED_MS),
+        (encode(make_event(item_id="b")), "102", "pk", RECEIVED_MS + MS_PER_HOUR),
+    ], 0)
     batch = buf.drain()
     sink = LakeSink(LakeLayout(f"file://{tmp_path}"), pafs.LocalFileSystem(), REGION)
     written = sink.write(batch)
     assert written == sink.paths(batch)
-    assert all(p.endswith("/shardId-000000000001-100-102.parquet") for p in written)
+    name = f"{SHARD}-100-102.parquet"
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert files == [
-        f"dead_letter/region={REGION}/dt=2026-11-26/hour=10/shardId-000000000001-100-102.parquet",
-        f"raw/region={REGION}/dt=2026-11-26/hour=10/shardId-000000000001-100-102.parquet",
-        f"raw/region={REGION}/dt=2026-11-26/hour=11/shardId-000000000001-100-102.parquet",
+        f"dead_letter/region={REGION}/dt=2026-11-26/hour=10/{name}",
+        f"raw/region={REGION}/dt=2026-11-26/hour=10/{name}",
+        f"raw/region={REGION}/dt=2026-11-26/hour=11/{name}",
     ]
     assert pq.read_table(written[0]).column("item_id").to_pylist() == ["a"]
+    assert pq.read_table(written[1]).column("item_id").to_pylist() == ["b"]
     assert pq.read_table(written[2]).column("data").to_pylist() == [b"{"]
     # Writing the same batch again (a replay) rewrites the same files and adds none.
     assert sink.write(batch) == written
     assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 3
-
-
-def test_canonical_event_bytes_are_what_the_lake_row_is_built_from() -> None:
-    obj = make_event(context={"price": 3.5, "page": "/x"})
-    got, rows, _ = apply(transformer(), json.dumps(obj, indent=2).encode())
-    assert got == "ok"
-    assert rows.event_id == [obj["event_id"]] and rows.price == [3.5] and rows.page == ["/x"]
-    assert pa.array(rows.ts_ms).to_pylist() == [RECEIVED_MS - 1000]

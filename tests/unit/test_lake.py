@@ -120,12 +120,18 @@ def test_bad_scheme_rejected(uri: str) -> None:
         filesystem(uri)
 
 
-@pytest.mark.parametrize("uri", ["file://lake", "file://relative/lake"])
-def test_file_uri_with_a_host_is_rejected(uri: str) -> None:
-    """BUG: ``file://lake`` (two slashes: a host, not a path) is silently read as the root '/' or as
-    '/lake' without the host, so a typo sends the lake to the filesystem root."""
+@pytest.mark.parametrize("uri", [
+    "file://lake", "file://relative/lake", "file:relative", "s3:///prefix", "s3://",
+])
+def test_lake_root_without_absolute_path_or_bucket_is_rejected(uri: str) -> None:
+    """``file://lake`` (two slashes: a host, not a path) once meant the filesystem root '/', so a typo
+    sent the lake there; an s3:// URI without a bucket is just as wrong."""
     with pytest.raises(ValueError):
-        LakeLayout(uri).base
+        LakeLayout(uri)
+
+
+def test_file_uri_on_localhost_is_a_local_path() -> None:
+    assert LakeLayout("file://localhost/tmp/lake").base == "/tmp/lake"
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/lake", "s3://bucket/prefix"])

@@ -69,7 +69,9 @@ def test_smaller_batch_limits_apply() -> None:
         (GeneratedRecord("us-east-1", "k" * 257, b"{}", "valid"), "partition key"),
     ],
 )
-def test_records_kinesis_would_refuse_are_refused_before_the_call(record: GeneratedRecord, message: str) -> None:
+def test_records_kinesis_would_refuse_are_refused_before_the_call(
+    record: GeneratedRecord, message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         list(batches([_record(10), record]))
 
@@ -91,7 +93,9 @@ def _failed(code: str = "ProvisionedThroughputExceededException") -> dict:
         ([_ok("s-2"), _ok("s-2"), _failed()], [2], {"s-2": 2}),
     ],
 )
-def test_read_response_picks_exactly_the_failed_indices(entries: list[dict], failed: list[int], shards: dict) -> None:
+def test_read_response_picks_exactly_the_failed_indices(
+    entries: list[dict], failed: list[int], shards: dict
+) -> None:
     outcome = read_response({"FailedRecordCount": len(failed), "Records": entries})
     assert outcome.failed == failed
     assert outcome.shard_counts == shards
@@ -105,7 +109,15 @@ def test_read_response_refuses_an_inconsistent_failure_count() -> None:
 
 @pytest.mark.parametrize(
     "attempt, uniform, expected",
-    [(1, 1.0, 0.1), (2, 1.0, 0.2), (4, 1.0, 0.8), (4, 0.5, 0.4), (10, 1.0, 5.0), (30, 0.25, 1.25), (3, 0.0, 0.0)],
+    [
+        (1, 1.0, 0.1),
+        (2, 1.0, 0.2),
+        (4, 1.0, 0.8),
+        (4, 0.5, 0.4),
+        (10, 1.0, 5.0),
+        (30, 0.25, 1.25),
+        (3, 0.0, 0.0),
+    ],
 )
 def test_backoff_is_jittered_exponential_with_a_cap(attempt: int, uniform: float, expected: float) -> None:
     assert backoff_delay(attempt, uniform, base_s=0.1, cap_s=5.0) == pytest.approx(expected)
@@ -123,6 +135,8 @@ def test_backoff_is_jittered_exponential_with_a_cap(attempt: int, uniform: float
         (100.0, [(100.0, 100), (100.0, 100)], [0.0, 1.0]),  # idle time does not bank more than the burst
     ],
 )
-def test_token_bucket_holds_the_long_run_rate(rate: float, takes: list[tuple[float, int]], waits: list[float]) -> None:
+def test_token_bucket_holds_the_long_run_rate(
+    rate: float, takes: list[tuple[float, int]], waits: list[float]
+) -> None:
     bucket = TokenBucket(rate)
     assert [bucket.take(n, now) for now, n in takes] == pytest.approx(waits)

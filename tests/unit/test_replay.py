@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from streamrec.cli.common import UserError
+from streamrec.cli.events import app
 from streamrec.clickstream.config import GeneratorConfig
 from streamrec.clickstream.generate import generate_region
 from streamrec.clickstream.publish import write_jsonl
 from streamrec.clickstream.replay import ReplayError, replay
-from streamrec.cli.common import UserError
-from streamrec.cli.events import app
 from streamrec.events import parse_event
 
 # user item rating unix_ts, deliberately out of time order, as in u.data.
@@ -55,8 +55,10 @@ def test_movielens_ratings_become_events_by_rating_in_time_order(tmp_path: Path)
         ("ml-u186", "ml-i302", "click"),
     ]
     assert events[0]["ts"] == "1997-11-07T07:18:36.000Z"  # the real timestamp, 878887116
-    assert all(r.kind == "valid" and r.region == "eu-west-1" and r.partition_key == e["user_id"]
-               for r, e in zip(records, events))  # fmt: skip
+    assert all(
+        r.kind == "valid" and r.region == "eu-west-1" and r.partition_key == e["user_id"]
+        for r, e in zip(records, events)
+    )
     for r in records:
         parse_event(r.data)
     # u196's first three ratings are within 30 minutes: one session; the fourth, hours later, another.
@@ -90,7 +92,9 @@ def test_shift_to_now_moves_the_latest_event_to_now_and_keeps_gaps(tmp_path: Pat
     path = _write(tmp_path, "views.csv", DIGINETICA)
     now = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     original = [parse_event(r.data).ts for r in replay(path, "diginetica", "us-east-1")]
-    shifted = [parse_event(r.data).ts for r in replay(path, "diginetica", "us-east-1", shift_to_now=True, now=now)]
+    shifted = [
+        parse_event(r.data).ts for r in replay(path, "diginetica", "us-east-1", shift_to_now=True, now=now)
+    ]
     assert shifted[-1] == int(now.timestamp() * 1000)
     assert [b - a for a, b in zip(shifted, shifted[1:])] == [b - a for a, b in zip(original, original[1:])]
 
@@ -103,9 +107,14 @@ def test_limit_keeps_the_earliest_records(tmp_path: Path) -> None:
 
 def test_jsonl_replays_every_record_byte_for_byte(tmp_path: Path) -> None:
     config = GeneratorConfig(
-        seed=3, regions=("us-east-1",), users_per_region=50, items=100, events_per_region=2_000,
-        malformed_share=0.05, end=datetime(2024, 5, 1, tzinfo=UTC),
-    )  # fmt: skip
+        seed=3,
+        regions=("us-east-1",),
+        users_per_region=50,
+        items=100,
+        events_per_region=2_000,
+        malformed_share=0.05,
+        end=datetime(2024, 5, 1, tzinfo=UTC),
+    )
     generated = list(generate_region(config, "us-east-1"))
     path = tmp_path / "capture.jsonl"
     assert write_jsonl(path, generated).records_put == len(generated)
@@ -158,7 +167,19 @@ def test_cli_replay_to_jsonl(tmp_path: Path) -> None:
     path = _write(tmp_path, "u.data", MOVIELENS)
     out = tmp_path / "out" / "ml-{region}.jsonl"
     result = CliRunner().invoke(
-        app, ["replay", str(path), "--format", "movielens", "--region", "eu-west-1", "--to", "jsonl", "--out", str(out)]
+        app,
+        [
+            "replay",
+            str(path),
+            "--format",
+            "movielens",
+            "--region",
+            "eu-west-1",
+            "--to",
+            "jsonl",
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     written = (tmp_path / "out" / "ml-eu-west-1.jsonl").read_bytes().splitlines()
@@ -170,7 +191,10 @@ def test_cli_replay_to_jsonl(tmp_path: Path) -> None:
     [
         (["missing.data", "--format", "movielens", "--to", "jsonl", "--out", "o.jsonl"], "no such file"),
         (["bad.data", "--format", "movielens", "--to", "jsonl", "--out", "o.jsonl"], "bad.data:1:"),
-        (["bad.data", "--format", "jsonl", "--shift-to-now", "--to", "jsonl", "--out", "o.jsonl"], "shift-to-now"),
+        (
+            ["bad.data", "--format", "jsonl", "--shift-to-now", "--to", "jsonl", "--out", "o.jsonl"],
+            "shift-to-now",
+        ),
         (["bad.data", "--format", "movielens", "--to", "jsonl"], "needs --out"),
     ],
 )
