@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from ingest.columns import events_table
 from ingest.transform import MS_PER_HOUR, DeadColumns, Outcomes, Record, RowColumns, Transformer, hash_pii
 
 
@@ -58,37 +60,37 @@ def _ts(values: list[int]) -> pa.Array:
 
 
 def rows_table(rows: RowColumns, shard_id: str, pii_salt: bytes) -> pa.Table:
-    """Split the buffered events into the raw lake's columns (IP and user agent only as keyed hashes)."""
-    events = rows.events
-    ctxs = [e.context for e in events]
-    has_ctx = any(c is not None for c in ctxs)
+    """The raw lake table of one partition's accepted records (IP and user agent only as keyed hashes)."""
+    events = events_table(rows.data)
+    context = events.column("context")
 
-    def ctx_col(name: str) -> list[object]:
-        if not has_ctx:
-            return [None] * len(events)
-        return [getattr(c, name) if c is not None else None for c in ctxs]
+    def ctx(name: str) -> pa.ChunkedArray:
+        return pc.struct_field(context, name)
 
-    def hashed(name: str) -> list[str | None]:
+    def hashed(name: str) -> pa.Array:
         # The same IP or user agent recurs across a user's events: hash each distinct value once.
-        values = ctx_col(name)
-        digests = {v: hash_pii(v, pii_salt) for v in set(values) if v}
-        return [digests.get(v) if v else None for v in values]
+        values = ctx(name)
+        distinct = [v for v in pc.unique(values).to_pylist() if v]
+        if not distinct:
+            return pa.nulls(len(events), pa.string())
+        digests = pa.array([hash_pii(v, pii_salt) for v in distinct], pa.string())
+        return pc.take(digests, pc.index_in(values, pa.array(distinct, pa.string())))
 
     return pa.Table.from_arrays([
-        pa.array([e.event_id.lower() for e in events], pa.string()),
-        pa.array([e.user_id for e in events], pa.string()),
-        pa.array([e.session_id for e in events], pa.string()),
-        pa.array([e.item_id for e in events], pa.string()),
-        pa.array([e.event_type for e in events], pa.string()),
-        _ts([e.ts for e in events]),
-        pa.array([e.region for e in events], pa.string()),
-        pa.array(ctx_col("device"), pa.string()),
-        pa.array(ctx_col("page"), pa.string()),
-        pa.array(ctx_col("referrer"), pa.string()),
-        pa.array(ctx_col("price"), pa.float64()),
-        pa.array(ctx_col("category"), pa.string()),
-        pa.array(hashed("ip"), pa.string()),
-        pa.array(hashed("user_agent"), pa.string()),
+        events.column("event_id"),
+        events.column("user_id"),
+        events.column("session_id"),
+        events.column("item_id"),
+        events.column("event_type"),
+        _ts(rows.ts_ms),
+        events.column("region"),
+        ctx("device"),
+        ctx("page"),
+        ctx("referrer"),
+        ctx("price"),
+        ctx("category"),
+        hashed("ip"),
+        hashed("user_agent"),
         _ts(rows.received_ms),
         pa.repeat(pa.scalar(shard_id, pa.string()), len(events)),
         pa.array(rows.sequence_number, pa.string()),

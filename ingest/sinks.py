@@ -8,10 +8,12 @@ popularity increments are guarded by a per-batch marker inside one script.
 from __future__ import annotations
 
 import posixpath
-from collections import defaultdict
+from itertools import chain
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from ingest.buffer import FlushBatch, hour_partition
@@ -65,13 +67,14 @@ return 1
 
 # Updates many users' last-N sets in one round trip: ZADD GT never moves a timestamp backwards (so a
 # replayed or late batch is harmless), then the set is trimmed to N and its TTL refreshed.
+# ARGV = N, TTL, one count per key, then each key's (score, member) pairs in key order.
 # Keys are declared, as scripts must; this targets a non-clustered Redis (ElastiCache with cluster mode
 # disabled), see docs/ingest.md.
 _RECENT_SCRIPT = """
 local n = tonumber(ARGV[1])
-local i = 3
+local i = 3 + #KEYS
 for k = 1, #KEYS do
-  local c = tonumber(ARGV[i]); i = i + 1
+  local c = tonumber(ARGV[2 + k])
   redis.call('ZADD', KEYS[k], 'GT', unpack(ARGV, i, i + 2 * c - 1)); i = i + 2 * c
   redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(n + 1))
   redis.call('EXPIRE', KEYS[k], ARGV[2])
@@ -81,6 +84,39 @@ return #KEYS
 
 # Users per script call: large enough to amortise the round trip, small enough not to stall Redis.
 _USERS_PER_CALL = 500
+_TYPES = pa.array(list(EVENT_WEIGHTS), pa.string())
+_WEIGHTS = pa.array(list(EVENT_WEIGHTS.values()), pa.float64())
+
+
+def latest_per_user(events: pa.Table, n: int) -> tuple[list[str], np.ndarray, list[Any]]:
+    """Each user's newest ``n`` distinct items: (users, count per user, flat [ts, item, ts, item, ...]).
+
+    Aggregated in Arrow rather than per record in Python: this runs for every flushed batch.
+    """
+    latest = (events.group_by(["user_id", "item_id"]).aggregate([("ts", "max")])
+              .sort_by([("user_id", "ascending"), ("ts_max", "descending")]))
+    users = latest.column("user_id").combine_chunks()
+    rows = len(users)
+    if rows == 0:
+        return [], np.zeros(0, dtype=np.int64), []
+    change = np.flatnonzero(
+        pc.not_equal(users.slice(1), users.slice(0, rows - 1)).to_numpy(zero_copy_only=False)) + 1
+    starts = np.concatenate(([0], change))
+    counts = np.diff(np.concatenate((starts, [rows])))
+    if counts.max() > n:  # only the newest N of a user can survive the trim
+        rank = np.arange(rows) - np.repeat(starts, counts)
+        latest = latest.filter(pa.array(rank < n))
+        counts = np.minimum(counts, n)
+    ts = latest.column("ts_max").cast(pa.int64()).to_pylist()
+    items = latest.column("item_id").to_pylist()
+    return users.take(pa.array(starts)).to_pylist(), counts, list(chain.from_iterable(zip(ts, items)))
+
+
+def weighted_counts(events: pa.Table) -> tuple[list[str], list[float]]:
+    """Event-type-weighted interaction count per item."""
+    weights = pc.take(_WEIGHTS, pc.index_in(events.column("event_type"), _TYPES))
+    agg = pa.table({"item_id": events.column("item_id"), "w": weights}).group_by("item_id").aggregate([("w", "sum")])
+    return agg.column("item_id").to_pylist(), agg.column("w_sum").to_pylist()
 
 
 class RedisFeatureSink:
@@ -95,48 +131,29 @@ class RedisFeatureSink:
 
     def write(self, batch: FlushBatch) -> int:
         """Apply the batch; return the number of users whose recent items were updated."""
-        latest: dict[str, dict[str, int]] = defaultdict(dict)
-        weights: dict[int, dict[str, float]] = {}
-        for bucket, table in batch.raw.items():
-            pop: dict[str, float] = defaultdict(float)
-            weights[bucket] = pop
-            columns = (table.column(name) for name in ("user_id", "item_id", "ts", "event_type"))
-            users, items, ts_col, types = columns
-            ts_ms = ts_col.cast(pa.int64()).to_pylist()
-            for user, item, ts, etype in zip(users.to_pylist(), items.to_pylist(), ts_ms, types.to_pylist()):
-                seen = latest[user]
-                if ts > seen.get(item, -1):
-                    seen[item] = ts
-                pop[item] += EVENT_WEIGHTS[etype]
-        self._write_recent(latest)
-        self._write_popularity(batch, weights)
-        return len(latest)
+        if not batch.raw:
+            return 0
+        events = pa.concat_tables(t.select(["user_id", "item_id", "ts"]) for t in batch.raw.values())
+        users = self._write_recent(events)
+        self._write_popularity(batch)
+        return users
 
-    def _write_recent(self, latest: dict[str, dict[str, int]]) -> None:
-        users = list(latest.items())
-        n = self.recent_n
-        for start in range(0, len(users), _USERS_PER_CALL):
-            keys: list[str] = []
-            args: list[Any] = [n, self.recent_ttl_s]
-            for user, items in users[start:start + _USERS_PER_CALL]:
-                if len(items) > n:  # only the newest N can survive the trim
-                    items = dict(sorted(items.items(), key=lambda kv: kv[1], reverse=True)[:n])
-                keys.append(user_recent_key(self.region, user))
-                args.append(len(items))
-                for item, ts in items.items():
-                    args.append(ts)
-                    args.append(item)
+    def _write_recent(self, events: pa.Table) -> int:
+        users, counts, pairs = latest_per_user(events, self.recent_n)
+        offsets = np.concatenate(([0], np.cumsum(counts))) * 2
+        for a in range(0, len(users), _USERS_PER_CALL):
+            b = min(a + _USERS_PER_CALL, len(users))
+            keys = [user_recent_key(self.region, u) for u in users[a:b]]
+            args = [self.recent_n, self.recent_ttl_s, *counts[a:b].tolist(), *pairs[offsets[a]:offsets[b]]]
             self._recent(keys=keys, args=args)
+        return len(users)
 
-    def _write_popularity(self, batch: FlushBatch, weights: dict[int, dict[str, float]]) -> None:
-        if not weights:
-            return
+    def _write_popularity(self, batch: FlushBatch) -> None:
         keys = [popularity_batch_marker(self.region, batch.shard_id, batch.first_seq, batch.last_seq)]
         args: list[Any] = [self.popularity_ttl_s, self.popularity_ttl_s]
-        for bucket, items in sorted(weights.items()):
+        for bucket, table in sorted(batch.raw.items()):
+            items, weights = weighted_counts(table)
             keys.append(popularity_key(self.region, bucket))
             args.append(len(items))
-            for item, weight in items.items():
-                args.append(item)
-                args.append(weight)
+            args.extend(chain.from_iterable(zip(items, weights)))
         self._popularity(keys=keys, args=args)

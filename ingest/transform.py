@@ -16,7 +16,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from ingest.dedup import DedupWindow
-from streamrec.events import ClickEvent, InvalidEvent, classify_error, oversize, validate_json
+from streamrec.events import InvalidEvent, classify_error, oversize, validate_json
 
 MS_PER_HOUR = 3_600_000
 
@@ -39,21 +39,22 @@ def hash_pii(value: str, salt: bytes) -> str:
 
 
 class RowColumns:
-    """Accepted events of one partition (one receive hour), with their server-side fields.
+    """Accepted records of one partition (one receive hour), with their server-side fields.
 
-    The validated event objects are kept whole and split into columns once per flush (see
-    ``ingest.buffer.rows_table``): one append per record is much cheaper than one per field.
+    The record bytes are kept, not the validated objects: they become columns in one bulk call at
+    flush time (``ingest.columns``), which is far cheaper than holding and splitting objects.
     """
 
-    __slots__ = ("events", "received_ms", "sequence_number")
+    __slots__ = ("data", "ts_ms", "received_ms", "sequence_number")
 
     def __init__(self) -> None:
-        self.events: list[ClickEvent] = []
+        self.data: list[bytes] = []
+        self.ts_ms: list[int] = []
         self.received_ms: list[int] = []
         self.sequence_number: list[str] = []
 
     def __len__(self) -> int:
-        return len(self.events)
+        return len(self.data)
 
 
 class DeadColumns:
@@ -118,7 +119,8 @@ class Transformer:
                         problem = InvalidEvent(
                             "future_ts", f"ts is {(event.ts - received_ms) // 1000} s after the server receive time")
                     elif dedup_add(event.event_id.lower()):
-                        rows.events.append(event)
+                        rows.data.append(data)
+                        rows.ts_ms.append(event.ts)
                         rows.received_ms.append(received_ms)
                         rows.sequence_number.append(seq)
                         out.ok += 1

@@ -140,8 +140,8 @@ def write_parquet_atomic(fs: pafs.FileSystem, table: pa.Table, path: str, *,
     written in place.
     """
     directory = posixpath.dirname(path)
-    fs.create_dir(directory, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(directory, recursive=True)  # S3 has no folders: no empty "dir/" marker objects there
         tmp = posixpath.join(directory, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             pq.write_table(table, tmp, filesystem=fs, compression="snappy", row_group_size=row_group_size)
