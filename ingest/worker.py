@@ -29,12 +29,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from ingest import metrics
 from ingest.buffer import FlushBatch, ShardBuffer
 from ingest.dedup import DedupWindow
-from ingest.lease_table import LeaseTable
+from ingest.lease_table import LeaseTable, LeaseTableMissing
 from ingest.leases import SHARD_END, TRIM_HORIZON, ExpiryTracker, Lease, eligible, plan_takes
 from ingest.sinks import LakeSink, RedisFeatureSink
 from ingest.transform import Transformer
@@ -100,6 +100,10 @@ class LeaseLost(Exception):
     pass
 
 
+class StartupError(RuntimeError):
+    """The worker cannot start: a missing stream, lease table or unreachable endpoint."""
+
+
 class Worker:
     def __init__(
         self,
@@ -147,7 +151,6 @@ class Worker:
         self.stats = WorkerStats()
         self.stopping = False
         self._rng = random.Random()
-        self._started = clock()
         # Owners whose lease counters moved since we started: proven alive (used by drain mode).
         self._live_owners: set[str] = set()
         self._last_counters: dict[str, tuple[str | None, int]] = {}
@@ -163,8 +166,23 @@ class Worker:
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
 
+    def preflight(self) -> None:
+        """Fail at start-up, with a message naming the resource, when the stream, the lease table or the
+        AWS endpoint is not there; errors after start-up are real failures and propagate."""
+        try:
+            self.leases.check_exists()
+            self.kinesis.describe_stream_summary(StreamName=self.stream_name)
+        except LeaseTableMissing as exc:
+            raise StartupError(str(exc)) from None
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+                raise StartupError(f"Kinesis stream {self.stream_name!r} does not exist in {self.region}") from None
+            raise
+        except EndpointConnectionError as exc:
+            raise StartupError(f"cannot reach AWS: {exc} (locally: is `streamrec dev up` running?)") from None
+
     def run(self) -> WorkerStats:
-        self.leases.check_exists()
+        self.preflight()
         tune_gc()
         log.info("worker starting", extra={"worker_id": self.worker_id, "stream": self.stream_name})
         next_sync = next_scan = 0.0

@@ -32,7 +32,6 @@ class RegionReport:
     dead_lettered: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     users_online: int = 0
-    workers: int = 0
     seconds: float = 0.0
 
     @property
@@ -128,7 +127,6 @@ def run_demo(state_dir: Path, *, events_per_region: int = 25_000, users: int = 2
                 dead_lettered=dead_letter_reasons(fs, layout.region_root("dead_letter", region)),
                 duplicates=sum(s["duplicates"] for s in summaries),
                 users_online=count_online_users(redis.Redis.from_url(rs.redis_url), region),
-                workers=sum(1 for s in summaries if s["batches"]),
                 seconds=time.monotonic() - t0,
             )
             reports[region] = report

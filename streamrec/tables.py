@@ -21,37 +21,30 @@ def lease_table_spec(name: str) -> dict[str, Any]:
     }
 
 
-def recs_table_spec(name: str) -> dict[str, Any]:
-    """Batch recommendations: partition = user id, sort = model version, so a new version never
-    overwrites the one being served until promotion flips the pointer."""
+def _two_key_table(name: str, hash_key: str, range_key: str) -> dict[str, Any]:
     return {
         "TableName": name,
         "KeySchema": [
-            {"AttributeName": "user_id", "KeyType": "HASH"},
-            {"AttributeName": "model_version", "KeyType": "RANGE"},
+            {"AttributeName": hash_key, "KeyType": "HASH"},
+            {"AttributeName": range_key, "KeyType": "RANGE"},
         ],
         "AttributeDefinitions": [
-            {"AttributeName": "user_id", "AttributeType": "S"},
-            {"AttributeName": "model_version", "AttributeType": "S"},
+            {"AttributeName": hash_key, "AttributeType": "S"},
+            {"AttributeName": range_key, "AttributeType": "S"},
         ],
         "BillingMode": "PAY_PER_REQUEST",
     }
+
+
+def recs_table_spec(name: str) -> dict[str, Any]:
+    """Batch recommendations: partition = user id, sort = model version, so a new version never
+    overwrites the one being served until promotion flips the pointer."""
+    return _two_key_table(name, "user_id", "model_version")
 
 
 def features_table_spec(name: str) -> dict[str, Any]:
     """Key data points (popularity lists, item metadata, user last-N): generic pk/sk layout."""
-    return {
-        "TableName": name,
-        "KeySchema": [
-            {"AttributeName": "pk", "KeyType": "HASH"},
-            {"AttributeName": "sk", "KeyType": "RANGE"},
-        ],
-        "AttributeDefinitions": [
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        "BillingMode": "PAY_PER_REQUEST",
-    }
+    return _two_key_table(name, "pk", "sk")
 
 
 def region_table_specs(region: RegionSettings) -> list[dict[str, Any]]:

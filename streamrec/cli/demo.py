@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from streamrec.cli.common import console
@@ -26,15 +27,15 @@ def demo(
     reports = run_demo(state_dir.resolve(), events_per_region=events, users=users, items=items,
                        workers_per_region=workers, seed=seed, keep_stack=keep_stack,
                        say=lambda m: console.print(m, highlight=False))
-    table = Table(title="ingestion per region")
-    for col in ("region", "produced", "lake rows", "dead letters", "duplicates", "users in Redis", "balanced"):
-        table.add_column(col, justify="left" if col == "region" else "right")
+    table = Table(title="ingestion per region", box=box.SIMPLE_HEAD)
+    for col in ("region", "produced", "lake\nrows", "dead\nletters", "duplicates", "Redis\nusers", "balanced"):
+        table.add_column(col, justify="left" if col == "region" else "right", no_wrap=True)
     for r in reports:
         table.add_row(r.region, f"{r.produced:,}", f"{r.lake_rows:,}", f"{sum(r.dead_lettered.values()):,}",
                       f"{r.duplicates:,}", f"{r.users_online:,}",
                       "[green]yes[/]" if r.balanced else f"[red]no: {r.accounted:,}[/]")
     console.print(table)
-    reasons = Table(title="dead letters by reason")
+    reasons = Table(title="dead letters by reason", box=box.SIMPLE_HEAD)
     reasons.add_column("reason")
     for r in reports:
         reasons.add_column(r.region, justify="right")
@@ -42,8 +43,8 @@ def demo(
         reasons.add_row(reason, *(f"{r.dead_lettered.get(reason, 0):,}" for r in reports))
     console.print(reasons)
     lake = state_dir.resolve() / "lake"
-    console.print(f"lake: {lake}  (raw/, dead_letter/ partitioned region=/dt=/hour=)")
+    console.print(f"lake: {lake} (raw/, dead_letter/: region=/dt=/hour=)", highlight=False)
     if not all(r.balanced for r in reports):
         console.print("[red]accounting failed: lake + dead-letter + duplicates != produced[/]")
         raise typer.Exit(1)
-    console.print("every produced record is accounted for: lake + dead-letter + duplicates = produced")
+    console.print("every record accounted for: lake rows + dead letters + duplicates = produced")

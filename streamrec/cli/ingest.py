@@ -33,8 +33,7 @@ def run(
 ) -> None:
     """Consume REGION's clickstream until SIGTERM (or until drained): raw lake Parquet, dead letters with
     reasons, Redis last-N items and live popularity, checkpoints only after durable writes."""
-    from ingest.lease_table import LeaseTableMissing
-    from ingest.worker import build_worker
+    from ingest.worker import StartupError, build_worker
     from streamrec.logs import configure_logging
 
     settings = load(config)
@@ -56,7 +55,7 @@ def run(
     worker.install_signal_handlers()
     try:
         stats = worker.run()
-    except LeaseTableMissing as exc:
+    except StartupError as exc:
         raise UserError(str(exc)) from None
     summary = {"region": region, "worker_id": worker.worker_id, **stats.as_dict()}
     if summary_out:

@@ -199,24 +199,22 @@ def test_publish_generated_accounts_for_every_record_per_region(
         assert arrived == Counter(r.data for r in generate_region(config, region))
 
 
+def write_config(tmp_path: Path, aws: AwsSettings, stream: str) -> Path:
+    """A settings file for REGION whose stream is ``stream`` (the CLI reads it with --config)."""
+    config_path = tmp_path / "streamrec.yaml"
+    region = RegionSettings.default_for(REGION, f"file://{tmp_path}/lake").model_dump()
+    config_path.write_text(yaml.safe_dump({
+        "aws": aws.model_dump(exclude_none=True),
+        "regions": {REGION: {**region, "stream_name": stream}},
+    }))
+    return config_path
+
+
 def test_cli_generate_and_replay_to_kinesis(
     aws: AwsSettings, kinesis: Any, make_stream: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = make_stream(shards=2)
-    config_path = tmp_path / "streamrec.yaml"
-    config_path.write_text(
-        yaml.safe_dump(
-            {
-                "aws": aws.model_dump(exclude_none=True),
-                "regions": {
-                    REGION: {
-                        **RegionSettings.default_for(REGION, f"file://{tmp_path}/lake").model_dump(),
-                        "stream_name": stream,
-                    }
-                },
-            }
-        )
-    )
+    config_path = write_config(tmp_path, aws, stream)
     runner = CliRunner()
     result = runner.invoke(
         app,
@@ -257,20 +255,7 @@ def test_cli_generate_and_replay_to_kinesis(
 def test_cli_names_a_missing_stream_in_one_line(aws: AwsSettings, tmp_path: Path) -> None:
     from streamrec.cli.common import UserError
 
-    config_path = tmp_path / "streamrec.yaml"
-    config_path.write_text(
-        yaml.safe_dump(
-            {
-                "aws": aws.model_dump(exclude_none=True),
-                "regions": {
-                    REGION: {
-                        **RegionSettings.default_for(REGION, f"file://{tmp_path}/lake").model_dump(),
-                        "stream_name": "no-such-stream",
-                    }
-                },
-            }
-        )
-    )
+    config_path = write_config(tmp_path, aws, "no-such-stream")
     result = CliRunner().invoke(app, ["generate", "-r", REGION, "-n", "50", "--config", str(config_path)])
     assert isinstance(result.exception, UserError)
     assert "no-such-stream" in str(result.exception) or "ResourceNotFound" in str(result.exception)
