@@ -70,7 +70,7 @@ def rows_table(rows: RowColumns, shard_id: str, pii_salt: bytes) -> pa.Table:
     def hashed(name: str) -> pa.Array:
         # The same IP or user agent recurs across a user's events: hash each distinct value once.
         values = ctx(name)
-        distinct = [v for v in pc.unique(values).to_pylist() if v]
+        distinct = [v for v in pc.unique(values).to_pylist() if v is not None]
         if not distinct:
             return pa.nulls(len(events), pa.string())
         digests = pa.array([hash_pii(v, pii_salt) for v in distinct], pa.string())

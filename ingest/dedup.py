@@ -1,8 +1,8 @@
 """A bounded window of recently seen event ids.
 
 Producers retry, so the same event can arrive twice, usually seconds apart and always on the same shard
-(the partition key is the user id). A window of the last N ids per worker catches those cheaply; the
-Spark ETL dedups exactly across files and days, so the window only needs to be good, not perfect.
+(the partition key is the user id). A window of the last N ids per shard lease catches those cheaply;
+the Spark ETL dedups exactly across files and days, so the window only needs to be good, not perfect.
 """
 
 from __future__ import annotations

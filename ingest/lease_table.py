@@ -9,6 +9,7 @@ workers see that the owner is alive), ``checkpoint`` (TRIM_HORIZON, a sequence n
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -81,7 +82,8 @@ class LeaseTable:
 
     def _update(self, shard_id: str, update: str, condition: str, values: dict[str, Any]) -> Lease | None:
         """One conditional update; None when the condition failed (someone else changed the lease)."""
-        names = {k: v for k, v in _NAMES.items() if k in update or k in condition}
+        used = set(re.findall(r"#\w+", f"{update} {condition}"))
+        names = {k: v for k, v in _NAMES.items() if k in used}
         try:
             out = self.client.update_item(
                 TableName=self.name, Key={"shard_id": {"S": shard_id}}, UpdateExpression=update,

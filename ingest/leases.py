@@ -34,10 +34,13 @@ class Lease:
 
 @dataclass
 class ExpiryTracker:
-    """Remembers when each lease's counter was last seen to change (local monotonic time)."""
+    """Remembers when each lease's counter or owner was last seen to change (local monotonic time)."""
 
     duration: float
+    # shard id -> (counter, owner, when this counter/owner was first seen)
     _seen: dict[str, tuple[int, str | None, float]] = field(default_factory=dict)
+    # Leases seen to change at least once since we started (their _seen time is that change).
+    _changed: set[str] = field(default_factory=set)
 
     def observe(self, leases: list[Lease], now: float) -> set[str]:
         """Record this scan; return the ids of expired leases (owned, counter unchanged too long)."""
@@ -46,10 +49,18 @@ class ExpiryTracker:
             prev = self._seen.get(lease.shard_id)
             if prev is None or prev[0] != lease.counter or prev[1] != lease.owner:
                 # A lease seen for the first time gets a full duration before it can expire.
+                if prev is not None:
+                    self._changed.add(lease.shard_id)
                 self._seen[lease.shard_id] = (lease.counter, lease.owner, now)
             elif lease.owner is not None and now - prev[2] >= self.duration:
                 expired.add(lease.shard_id)
         return expired
+
+    def renewed_recently(self, shard_id: str, now: float) -> bool:
+        """Whether we saw this lease change less than ``duration`` ago, i.e. its owner is alive now.
+        A lease seen without change since we started proves nothing either way."""
+        seen = self._seen.get(shard_id)
+        return shard_id in self._changed and seen is not None and now - seen[2] < self.duration
 
 
 def eligible(leases: list[Lease]) -> list[Lease]:
@@ -70,26 +81,34 @@ class TakePlan:
     steal: str | None = None
 
 
-def plan_takes(worker_id: str, leases: list[Lease], expired: set[str], rng: random.Random | None = None) -> TakePlan:
+def plan_takes(worker_id: str, leases: list[Lease], expired: set[str], rng: random.Random | None = None,
+               held: set[str] | None = None) -> TakePlan:
     """Which leases ``worker_id`` should acquire to reach its fair share.
 
     Fair share = ceil(eligible leases / live workers). Free or expired leases are taken first; only when
     none are left does the worker steal one lease from the most loaded worker, and only if that worker
     is above the fair share (or at it while we need more than one), so leases converge without churn.
+
+    ``held`` is what this worker is actually processing (default: every lease in its name). A lease in
+    our name that we do not hold is an orphan of an earlier process with the same worker id (a pod
+    restarted under a fixed id): it is taken back like a free lease, replaying its pending range.
     """
     rng = rng or random.Random()
     candidates = eligible(leases)
     if not candidates:
         return TakePlan()
-    live = Counter(l.owner for l in candidates if l.owner is not None and l.shard_id not in expired)
+    held = {l.shard_id for l in candidates if l.owner == worker_id} if held is None else held
+    orphans = {l.shard_id for l in candidates if l.owner == worker_id and l.shard_id not in held}
+    live = Counter(l.owner for l in candidates
+                   if l.owner is not None and l.shard_id not in expired and l.shard_id not in orphans)
     workers = set(live) | {worker_id}
     target = math.ceil(len(candidates) / len(workers))
-    mine = live.get(worker_id, 0)
-    need = target - mine
+    need = target - live.get(worker_id, 0)
     if need <= 0:
         return TakePlan()
-    free = [l.shard_id for l in candidates if l.owner is None or (l.shard_id in expired and l.owner != worker_id)]
-    # Our own expired leases are still ours to renew, not to take.
+    # Our own expired leases that we hold are still ours to renew, not to take.
+    free = [l.shard_id for l in candidates
+            if l.owner is None or l.shard_id in orphans or (l.shard_id in expired and l.owner != worker_id)]
     if free:
         rng.shuffle(free)
         return TakePlan(take=tuple(sorted(free[:need])))

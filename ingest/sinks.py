@@ -28,25 +28,30 @@ class LakeSink:
         self.fs = fs
         self.region = region
 
-    def paths(self, batch: FlushBatch) -> list[str]:
+    def check(self) -> None:
+        """Fail now if the lake root cannot be reached (a missing bucket, no permission, a bad path)."""
+        info = self.fs.get_file_info(self.layout.base)
+        if self.layout.scheme == "file" and info.type == pafs.FileType.NotFound:
+            self.fs.create_dir(self.layout.base, recursive=True)
+
+    def files(self, batch: FlushBatch) -> list[tuple[str, pa.Table]]:
+        """(path, table) of every file a batch writes: one per dataset and receive hour, all under the
+        same deterministic name."""
         name = batch_file_name(batch.shard_id, batch.first_seq, batch.last_seq)
         out = []
         for dataset, tables in (("raw", batch.raw), ("dead_letter", batch.dead)):
-            for bucket in sorted(tables):
-                dt, hour = hour_partition(bucket)
-                out.append(posixpath.join(self.layout.partition(dataset, self.region, dt, hour), name))
-        return out
-
-    def write(self, batch: FlushBatch) -> list[str]:
-        name = batch_file_name(batch.shard_id, batch.first_seq, batch.last_seq)
-        written = []
-        for dataset, tables in (("raw", batch.raw), ("dead_letter", batch.dead)):
             for bucket, table in sorted(tables.items()):
                 dt, hour = hour_partition(bucket)
-                path = posixpath.join(self.layout.partition(dataset, self.region, dt, hour), name)
-                write_parquet_atomic(self.fs, table, path)
-                written.append(path)
-        return written
+                out.append((posixpath.join(self.layout.partition(dataset, self.region, dt, hour), name), table))
+        return out
+
+    def paths(self, batch: FlushBatch) -> list[str]:
+        return [path for path, _ in self.files(batch)]
+
+    def write(self, batch: FlushBatch) -> list[str]:
+        for path, table in self.files(batch):
+            write_parquet_atomic(self.fs, table, path)
+        return self.paths(batch)
 
 
 # Applies one batch's popularity increments exactly once: the marker and the increments are one atomic
@@ -128,6 +133,9 @@ class RedisFeatureSink:
         self.popularity_ttl_s = popularity_ttl_s
         self._recent = client.register_script(_RECENT_SCRIPT)
         self._popularity = client.register_script(_POPULARITY_SCRIPT)
+
+    def ping(self) -> None:
+        self.client.ping()
 
     def write(self, batch: FlushBatch) -> int:
         """Apply the batch; return the number of users whose recent items were updated."""

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from ingest import metrics
 from ingest.buffer import FlushBatch, ShardBuffer
@@ -42,6 +42,9 @@ from ingest.transform import Transformer
 log = logging.getLogger("streamrec.ingest")
 
 SHARD_SYNC_SECONDS = 30.0
+MIN_POLL_INTERVAL_SECONDS = 0.2
+_CREDENTIAL_ERRORS = {"UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException",
+                      "AccessDeniedException"}
 GC_GEN0_THRESHOLD = 20_000
 # Fault injection for the crash tests: the worker SIGKILLs itself at this point of its first flush.
 CRASH_POINTS = ("after_pending", "after_lake_write", "after_redis")
@@ -87,7 +90,9 @@ class ShardState:
     lease: Lease
     buffer: ShardBuffer
     iterator: str | None = None
-    # Sequence number of the last record read (not necessarily durable yet): where to resume a lost iterator.
+    # Where reading started (iterator type, sequence number), and the last record read since (not
+    # necessarily durable yet): together, where to resume after an expired iterator.
+    start: tuple[str, str | None] = ("TRIM_HORIZON", None)
     read_seq: str | None = None
     # While re-reading a pending batch after a takeover, flush exactly when this sequence number is read.
     replay_until: str | None = None
@@ -151,10 +156,10 @@ class Worker:
         self.stats = WorkerStats()
         self.stopping = False
         self._rng = random.Random()
-        # Owners whose lease counters moved since we started: proven alive (used by drain mode).
-        self._live_owners: set[str] = set()
-        self._last_counters: dict[str, tuple[str | None, int]] = {}
         self._table_view: list[Lease] = []
+        # Drain mode decides on a lease scan taken after the last change of our own state.
+        self._scanned_at = float("-inf")
+        self._changed_at = clock()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -175,11 +180,24 @@ class Worker:
         except LeaseTableMissing as exc:
             raise StartupError(str(exc)) from None
         except ClientError as exc:
-            if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+            code = exc.response["Error"]["Code"]
+            if code == "ResourceNotFoundException":
                 raise StartupError(f"Kinesis stream {self.stream_name!r} does not exist in {self.region}") from None
+            if code in _CREDENTIAL_ERRORS:
+                raise StartupError(f"AWS rejected the credentials: {exc}") from None
             raise
+        except NoCredentialsError:
+            raise StartupError("no AWS credentials found (Pod Identity/IRSA in a pod; aws settings locally)") from None
         except EndpointConnectionError as exc:
             raise StartupError(f"cannot reach AWS: {exc} (locally: is `streamrec dev up` running?)") from None
+        try:
+            self.features.ping()
+        except Exception as exc:  # any client error means the URL is wrong or Redis is down
+            raise StartupError(f"regions.{self.region}.redis_url: cannot reach Redis: {exc}") from None
+        try:
+            self.lake.check()
+        except Exception as exc:
+            raise StartupError(f"regions.{self.region}.lake_uri: lake root not usable: {exc}") from None
 
     def run(self) -> WorkerStats:
         self.preflight()
@@ -192,7 +210,8 @@ class Worker:
                 if now >= next_sync:
                     self.sync_shards()
                     next_sync = now + SHARD_SYNC_SECONDS
-                if now >= next_scan:
+                quiet = self.until_drained and self._own_shards_quiet() and self._scanned_at <= self._changed_at
+                if now >= next_scan or quiet:
                     self.scan_leases()
                     next_scan = now + self.lease_renew_seconds
                 busy = self.poll_shards()
@@ -207,6 +226,7 @@ class Worker:
 
     def shutdown(self) -> None:
         """Flush and checkpoint every buffer, then release the leases (graceful SIGTERM path)."""
+        failure: BaseException | None = None
         for shard_id in list(self.shards):
             state = self.shards[shard_id]
             try:
@@ -219,9 +239,14 @@ class Worker:
                     log.warning("lease already lost at shutdown", extra={"shard": shard_id})
             except LeaseLost:
                 pass
+            except Exception as exc:  # keep releasing the other leases; report the first failure
+                log.exception("shutdown of a shard failed", extra={"shard": shard_id})
+                failure = failure or exc
             self.shards.pop(shard_id, None)
         metrics.LEASES_HELD.labels(self.region).set(0)
         log.info("worker stopped", extra={"worker_id": self.worker_id, **self.stats.as_dict()})
+        if failure is not None:
+            raise failure
 
     # -- shards and leases -------------------------------------------------------------------------
 
@@ -242,11 +267,7 @@ class Worker:
         now = self.clock()
         table = self.leases.scan()
         self._table_view = table
-        for lease in table:
-            prev = self._last_counters.get(lease.shard_id)
-            if prev is not None and lease.owner is not None and prev[0] == lease.owner and prev[1] < lease.counter:
-                self._live_owners.add(lease.owner)
-            self._last_counters[lease.shard_id] = (lease.owner, lease.counter)
+        self._scanned_at = now
         expired = self.expiry.observe(table, now)
         by_id = {lease.shard_id: lease for lease in table}
         # Renew ours; a failed renewal means another worker took the lease.
@@ -259,7 +280,7 @@ class Worker:
                 state.lease = renewed
         if self.stopping:
             return
-        plan = plan_takes(self.worker_id, table, expired, self._rng)
+        plan = plan_takes(self.worker_id, table, expired, self._rng, held=set(self.shards))
         for shard_id in plan.take + ((plan.steal,) if plan.steal else ()):
             taken = self.leases.take(by_id[shard_id], self.worker_id)
             if taken is not None:
@@ -268,18 +289,20 @@ class Worker:
 
     def adopt(self, lease: Lease, stolen_from: str | None) -> None:
         self.stats.leases_taken += 1
+        self._changed_at = self.clock()
         buffer = ShardBuffer(lease.shard_id, self.transformer_factory(), self.batch_max_records,
                              self.batch_max_bytes, self.batch_max_ms)
         state = ShardState(lease=lease, buffer=buffer)
         if lease.pending is not None:
             # The previous owner may have written this batch's files without checkpointing: re-read
             # exactly that range first, so the same file names are written again.
-            state.iterator = self._iterator(lease.shard_id, "AT_SEQUENCE_NUMBER", lease.pending[0])
+            state.start = ("AT_SEQUENCE_NUMBER", lease.pending[0])
             state.replay_until = lease.pending[1]
         elif lease.checkpoint == TRIM_HORIZON:
-            state.iterator = self._iterator(lease.shard_id, "TRIM_HORIZON")
+            state.start = ("TRIM_HORIZON", None)
         else:
-            state.iterator = self._iterator(lease.shard_id, "AFTER_SEQUENCE_NUMBER", lease.checkpoint)
+            state.start = ("AFTER_SEQUENCE_NUMBER", lease.checkpoint)
+        state.iterator = self._iterator(lease.shard_id, *state.start)
         self.shards[lease.shard_id] = state
         log.info("lease taken", extra={"shard": lease.shard_id, "from": stolen_from,
                                        "checkpoint": lease.checkpoint, "pending": lease.pending})
@@ -287,6 +310,7 @@ class Worker:
     def lose(self, shard_id: str, why: str) -> None:
         """Forget a shard whose lease is gone; its unflushed records are re-read by the new owner."""
         if self.shards.pop(shard_id, None) is not None:
+            self._changed_at = self.clock()
             self.stats.leases_lost += 1
             log.warning("lease lost", extra={"shard": shard_id, "why": why})
 
@@ -324,9 +348,9 @@ class Worker:
         except ClientError as exc:
             code = exc.response["Error"]["Code"]
             if code == "ExpiredIteratorException":
-                seq = state.read_seq
-                state.iterator = (self._iterator(state.lease.shard_id, "AFTER_SEQUENCE_NUMBER", seq) if seq
-                                  else self._iterator(state.lease.shard_id, "TRIM_HORIZON"))
+                # Resume after the last record read, or where this lease started if none was read yet.
+                kind, seq = ("AFTER_SEQUENCE_NUMBER", state.read_seq) if state.read_seq else state.start
+                state.iterator = self._iterator(state.lease.shard_id, kind, seq)
                 return True
             if code in ("ProvisionedThroughputExceededException", "KMSThrottlingException"):
                 state.next_poll = now + self.idle_poll_seconds
@@ -355,8 +379,10 @@ class Worker:
         if state.iterator is None:
             state.ended = True  # a closed shard (after a split or merge) read to its end
         state.caught_up = not records and behind == 0
-        if not records:
-            state.next_poll = now + self.idle_poll_seconds
+        # Kinesis allows 5 GetRecords per second per shard: never poll a shard faster than that.
+        state.next_poll = now + (self.idle_poll_seconds if not records else MIN_POLL_INTERVAL_SECONDS)
+        if records:
+            self._changed_at = now
         return bool(records)
 
     def flush(self, state: ShardState) -> None:
@@ -384,19 +410,29 @@ class Worker:
         lease = self._must(self.leases.checkpoint(state.lease, self.worker_id, SHARD_END))
         self.leases.release(lease, self.worker_id)
         self.shards.pop(lease.shard_id, None)
+        self._changed_at = self.clock()
         log.info("shard finished", extra={"shard": lease.shard_id})
 
+    def _own_shards_quiet(self) -> bool:
+        return all(s.caught_up and not len(s.buffer) and s.replay_until is None for s in self.shards.values())
+
     def drained(self) -> bool:
-        """Drain mode: our shards are read to the tip and flushed, and no eligible lease is left
-        without a live owner (a dead worker's leases are waited for until they expire and taken)."""
-        if any(not s.caught_up or len(s.buffer) or s.replay_until for s in self.shards.values()):
+        """Drain mode: our shards are read to the tip and flushed, and a lease scan taken since then
+        shows every eligible lease held by us or by a worker seen renewing within the lease duration.
+        Free leases, orphans in our name and leases of silent (dead) workers keep us running until we
+        take them over."""
+        if not self._own_shards_quiet() or self._scanned_at <= self._changed_at or not self._table_view:
             return False
+        now = self.clock()
         for lease in eligible(self._table_view):
             if lease.owner is None:
                 return False
-            if lease.owner != self.worker_id and lease.owner not in self._live_owners:
+            if lease.owner == self.worker_id:
+                if lease.shard_id not in self.shards:
+                    return False
+            elif not self.expiry.renewed_recently(lease.shard_id, now):
                 return False
-        return bool(self._table_view)
+        return True
 
     def _account(self, batch: FlushBatch) -> None:
         rows = sum(t.num_rows for t in batch.raw.values())

@@ -23,6 +23,10 @@ import pyarrow.dataset as ds
 DEMO_REGIONS = ("us-east-1", "eu-west-1")
 
 
+class DemoError(RuntimeError):
+    """A stage of the demo failed; the message says which and where its log is."""
+
+
 @dataclass
 class RegionReport:
     region: str
@@ -70,22 +74,32 @@ def run_consumers(config_path: Path, region: str, workers: int, out_dir: Path, *
     """Run ``workers`` consumer processes for one region until the stream is drained; their summaries."""
     out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
-    for n in range(workers):
-        summary = out_dir / f"{region}-worker-{n}.json"
-        summary.unlink(missing_ok=True)
-        log = (out_dir / f"{region}-worker-{n}.log").open("wb")
-        cmd = [sys.executable, "-m", "streamrec", "ingest", "run", "--region", region, "--config", str(config_path),
-               "--until-drained", "--worker-id", f"demo-{region}-{n}", "--batch-max-seconds", str(batch_max_seconds),
-               "--summary-out", str(summary)]
-        procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log), summary, log))
-    results = []
-    for proc, summary, log in procs:
-        rc = proc.wait(timeout=900)
-        log.close()
-        if rc != 0:
-            raise RuntimeError(f"consumer for {region} exited with {rc}; see {log.name}")
-        results.append(json.loads(summary.read_text()))
-    return results
+    try:
+        for n in range(workers):
+            summary = out_dir / f"{region}-worker-{n}.json"
+            summary.unlink(missing_ok=True)
+            log = (out_dir / f"{region}-worker-{n}.log").open("wb")
+            cmd = [sys.executable, "-m", "streamrec", "ingest", "run", "--region", region, "--config",
+                   str(config_path), "--until-drained", "--worker-id", f"demo-{region}-{n}",
+                   "--batch-max-seconds", str(batch_max_seconds), "--summary-out", str(summary)]
+            procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log), summary, log))
+        results = []
+        for proc, summary, log in procs:
+            rc = proc.wait(timeout=900)
+            if rc != 0:
+                raise DemoError(f"consumer for {region} exited with {rc}; see {log.name}")
+            results.append(json.loads(summary.read_text()))
+        return results
+    finally:
+        # On any failure the other workers are stopped too (SIGTERM: they flush and release their leases).
+        for proc, _, log in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            log.close()
 
 
 def run_demo(state_dir: Path, *, events_per_region: int = 25_000, users: int = 2_000, items: int = 3_000,

@@ -12,6 +12,7 @@ import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
@@ -21,6 +22,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from streamrec.lake import validate_lake_uri
 
 CONFIG_ENV = "STREAMREC_CONFIG"
+# STREAMREC_* variables that are not settings (read by the CLI and the dev stack).
+NON_SETTING_ENV = {"STREAMREC_CONFIG", "STREAMREC_HOME"}
+LOCAL_PII_SALT = "streamrec-local-salt"
 # The settings-source hook is a classmethod with a fixed signature; the YAML path reaches it this way.
 _yaml_path: ContextVar[Path | None] = ContextVar("streamrec_yaml_path", default=None)
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
@@ -97,7 +101,7 @@ class IngestSettings(_Strict):
     # -- Records per GetRecords call (Kinesis maximum 10,000).
     get_records_limit: int = Field(10_000, ge=1, le=10_000)
     # -- Idle wait per shard between empty GetRecords calls (Kinesis allows 5 reads/s/shard).
-    idle_poll_seconds: float = Field(1.0, ge=0)
+    idle_poll_seconds: float = Field(1.0, ge=0.01)
     # -- A lease whose counter has not moved for this long (local clock) is expired and may be taken.
     lease_duration_seconds: float = Field(10.0, gt=0)
     lease_renew_seconds: float = Field(3.0, gt=0)
@@ -112,7 +116,7 @@ class IngestSettings(_Strict):
     user_recent_ttl_seconds: int = Field(30 * 24 * 3600, ge=60)
     popularity_bucket_ttl_seconds: int = Field(48 * 3600, ge=3600)
     # -- Salt for hashing personal fields (IP, user agent); set it from a secret in production.
-    pii_salt: str = "streamrec-local-salt"
+    pii_salt: str = Field(LOCAL_PII_SALT, min_length=16)
     metrics_port: int = Field(0, ge=0, le=65535)
 
     @model_validator(mode="after")
@@ -170,6 +174,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name!r} is not an AWS region name (e.g. us-east-1)")
         return v
 
+    @model_validator(mode="after")
+    def _secret_salt_outside_local(self) -> "Settings":
+        if self.environment != "local" and self.ingest.pii_salt == LOCAL_PII_SALT:
+            raise ValueError("ingest.pii_salt: set a secret salt outside the local environment "
+                             "(the public default would make hashed IP addresses reversible)")
+        return self
+
     def region(self, name: str) -> RegionSettings:
         try:
             return self.regions[name]
@@ -192,9 +203,26 @@ class Settings(BaseSettings):
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{key}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")
+        key = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{key}: {msg}" if key else msg)
     return "; ".join(parts)
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """pydantic-settings ignores STREAMREC_* variables that match no field; a misspelt one must fail."""
+    for name in environ:
+        if not name.startswith("STREAMREC_") or name in NON_SETTING_ENV:
+            continue
+        parts = name[len("STREAMREC_"):].lower().split("__")
+        field = Settings.model_fields.get(parts[0])
+        if field is None:
+            raise SettingsError(f"{name}: no such setting (top-level settings: {', '.join(Settings.model_fields)})")
+        model = field.annotation
+        if len(parts) > 1 and isinstance(model, type) and issubclass(model, BaseModel):
+            if parts[1] not in model.model_fields:
+                raise SettingsError(f"{name}: {parts[0]} has no setting {parts[1]!r} "
+                                    f"(known: {', '.join(model.model_fields)})")
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
@@ -203,6 +231,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     ``config`` wins over ``STREAMREC_CONFIG``; with neither, only the environment and defaults apply.
     """
     path = Path(config) if config else (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    _check_env_names(os.environ)
     token = _yaml_path.set(path)
     try:
         return Settings(**overrides)

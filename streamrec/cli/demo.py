@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from streamrec.cli.common import console
+from streamrec.cli.common import UserError, console
 
 
 def demo(
@@ -22,11 +22,15 @@ def demo(
     keep_stack: Annotated[bool, typer.Option("--keep-stack", help="Leave moto, redis and PostgreSQL running afterwards.")] = False,
 ) -> None:
     """Run the pipeline end to end on local stand-ins and account for every record."""
-    from streamrec.demo import run_demo
+    from streamrec.demo import DemoError, run_demo
+    from streamrec.devstack.process import DevStackError
 
-    reports = run_demo(state_dir.resolve(), events_per_region=events, users=users, items=items,
-                       workers_per_region=workers, seed=seed, keep_stack=keep_stack,
-                       say=lambda m: console.print(m, highlight=False))
+    try:
+        reports = run_demo(state_dir.resolve(), events_per_region=events, users=users, items=items,
+                           workers_per_region=workers, seed=seed, keep_stack=keep_stack,
+                           say=lambda m: console.print(m, highlight=False))
+    except (DemoError, DevStackError) as exc:
+        raise UserError(f"demo failed: {exc}") from None
     table = Table(title="ingestion per region", box=box.SIMPLE_HEAD)
     for col in ("region", "produced", "lake\nrows", "dead\nletters", "duplicates", "Redis\nusers", "balanced"):
         table.add_column(col, justify="left" if col == "region" else "right", no_wrap=True)

@@ -25,7 +25,7 @@ def run(
     metrics_port: Annotated[Optional[int], typer.Option(
         help="Serve Prometheus metrics on this port (default: ingest.metrics_port; 0 = off).")] = None,
     batch_max_seconds: Annotated[Optional[float], typer.Option(
-        help="Override ingest.batch_max_seconds (flush age of a shard buffer).")] = None,
+        min=0.01, help="Override ingest.batch_max_seconds (flush age of a shard buffer).")] = None,
     summary_out: Annotated[Optional[Path], typer.Option(
         help="Write the worker's final counts as JSON to this file.")] = None,
     crash_after: Annotated[Optional[str], typer.Option(

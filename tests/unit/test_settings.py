@@ -26,6 +26,8 @@ regions:
     stream_name: clicks-eu
     lake_uri: file:///data/lake/eu-west-1
     tables: {leases: leases-eu, recs: recs-eu, features: features-eu}
+ingest:
+  pii_salt: a-secret-salt-from-a-k8s-secret
 """
 
 REGION = """
@@ -165,3 +167,24 @@ def test_unconfigured_region_names_the_configured_ones(tmp_path: Path) -> None:
     path.write_text(GOOD)
     with pytest.raises(SettingsError, match=r"regions\.ap-south-1: .*configured: eu-west-1, us-east-1"):
         load_settings(path).region("ap-south-1")
+
+
+@pytest.mark.parametrize(
+    ("name", "named"),
+    [("STREAMREC_LOGLEVEL", "STREAMREC_LOGLEVEL: no such setting"),
+     ("STREAMREC_INGEST__BATCH_MAX_RECORDZ", "ingest has no setting 'batch_max_recordz'")],
+)
+def test_misspelt_environment_variable_fails_naming_it(
+    name: str, named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(SettingsError, match=named):
+        load_settings()
+
+
+def test_public_pii_salt_is_refused_outside_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMREC_ENVIRONMENT", "prod")
+    with pytest.raises(SettingsError, match="ingest.pii_salt"):
+        load_settings()
+    monkeypatch.setenv("STREAMREC_INGEST__PII_SALT", "a-long-secret-from-a-k8s-secret")
+    assert load_settings().environment == "prod"
