@@ -39,8 +39,6 @@ class ExpiryTracker:
     duration: float
     # shard id -> (counter, owner, when this counter/owner was first seen)
     _seen: dict[str, tuple[int, str | None, float]] = field(default_factory=dict)
-    # Leases seen to change at least once since we started (their _seen time is that change).
-    _changed: set[str] = field(default_factory=set)
 
     def observe(self, leases: list[Lease], now: float) -> set[str]:
         """Record this scan; return the ids of expired leases (owned, counter unchanged too long)."""
@@ -49,18 +47,10 @@ class ExpiryTracker:
             prev = self._seen.get(lease.shard_id)
             if prev is None or prev[0] != lease.counter or prev[1] != lease.owner:
                 # A lease seen for the first time gets a full duration before it can expire.
-                if prev is not None:
-                    self._changed.add(lease.shard_id)
                 self._seen[lease.shard_id] = (lease.counter, lease.owner, now)
             elif lease.owner is not None and now - prev[2] >= self.duration:
                 expired.add(lease.shard_id)
         return expired
-
-    def renewed_recently(self, shard_id: str, now: float) -> bool:
-        """Whether we saw this lease change less than ``duration`` ago, i.e. its owner is alive now.
-        A lease seen without change since we started proves nothing either way."""
-        seen = self._seen.get(shard_id)
-        return shard_id in self._changed and seen is not None and now - seen[2] < self.duration
 
 
 def eligible(leases: list[Lease]) -> list[Lease]:

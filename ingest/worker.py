@@ -160,6 +160,7 @@ class Worker:
         # Drain mode decides on a lease scan taken after the last change of our own state.
         self._scanned_at = float("-inf")
         self._changed_at = clock()
+        self._verdict: tuple[float, bool] = (float("-inf"), False)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -418,21 +419,32 @@ class Worker:
 
     def drained(self) -> bool:
         """Drain mode: our shards are read to the tip and flushed, and a lease scan taken since then
-        shows every eligible lease held by us or by a worker seen renewing within the lease duration.
-        Free leases, orphans in our name and leases of silent (dead) workers keep us running until we
-        take them over."""
+        shows nothing left for anyone: every eligible lease is either ours or another worker's with no
+        pending batch and no record after its checkpoint. Free leases, orphans in our name and the leases
+        of a worker that died with unflushed records keep us running until we take them over."""
         if not self._own_shards_quiet() or self._scanned_at <= self._changed_at or not self._table_view:
             return False
-        now = self.clock()
+        if self._verdict[0] != self._scanned_at:  # peek at other workers' shards once per scan
+            self._verdict = (self._scanned_at, self._nothing_left())
+        return self._verdict[1]
+
+    def _nothing_left(self) -> bool:
         for lease in eligible(self._table_view):
             if lease.owner is None:
                 return False
             if lease.owner == self.worker_id:
                 if lease.shard_id not in self.shards:
                     return False
-            elif not self.expiry.renewed_recently(lease.shard_id, now):
+            elif lease.pending is not None or self._unread(lease):
                 return False
         return True
+
+    def _unread(self, lease: Lease) -> bool:
+        """Whether another worker's shard has records after its checkpoint, or ended without SHARD_END.
+        Liveness cannot tell this: a worker killed just after renewing looks alive for a lease duration."""
+        start = ("TRIM_HORIZON", None) if lease.checkpoint == TRIM_HORIZON else ("AFTER_SEQUENCE_NUMBER", lease.checkpoint)
+        out = self.kinesis.get_records(ShardIterator=self._iterator(lease.shard_id, *start), Limit=1)
+        return bool(out.get("Records")) or int(out.get("MillisBehindLatest", 0)) > 0 or not out.get("NextShardIterator")
 
     def _account(self, batch: FlushBatch) -> None:
         rows = sum(t.num_rows for t in batch.raw.values())
