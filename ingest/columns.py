@@ -45,7 +45,9 @@ def events_table(records: list[bytes]) -> pa.Table:
     """The EVENT_SCHEMA table of validated records, in order (event_id lower-cased)."""
     if not records:
         return EVENT_SCHEMA.empty_table()
-    payload = b"\n".join(map(_one_line, records))
+    payload = b"\n".join(records)
+    if payload.count(b"\n") != len(records) - 1 or b"\r" in payload:  # rare: a pretty-printed record
+        payload = b"\n".join(map(_one_line, records))
     try:
         table = pajson.read_json(io.BytesIO(payload), parse_options=_PARSE,
                                  read_options=pajson.ReadOptions(block_size=max(1 << 20, len(payload) + 1)))

@@ -8,7 +8,6 @@ popularity increments are guarded by a per-batch marker inside one script.
 from __future__ import annotations
 
 import posixpath
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,12 @@ from ingest.buffer import FlushBatch, hour_partition
 from streamrec.events import EVENT_WEIGHTS
 from streamrec.lake import LakeLayout, batch_file_name, write_parquet_atomic
 from streamrec.online import popularity_batch_marker, popularity_key, user_recent_key
+
+
+# Dictionary-encode only the raw columns whose values repeat within a batch: trying it on unique ids
+# (event_id, sequence numbers, hashes) costs time and makes the file larger.
+_DICTIONARY_COLUMNS = {"raw": ["user_id", "item_id", "event_type", "client_region", "device", "page",
+                               "referrer", "category", "shard_id"]}
 
 
 class LakeSink:
@@ -34,53 +39,56 @@ class LakeSink:
         if self.layout.scheme == "file" and info.type == pafs.FileType.NotFound:
             self.fs.create_dir(self.layout.base, recursive=True)
 
-    def files(self, batch: FlushBatch) -> list[tuple[str, pa.Table]]:
-        """(path, table) of every file a batch writes: one per dataset and receive hour, all under the
-        same deterministic name."""
+    def files(self, batch: FlushBatch) -> list[tuple[str, str, pa.Table]]:
+        """(dataset, path, table) of every file a batch writes: one per dataset and receive hour, all
+        under the same deterministic name."""
         name = batch_file_name(batch.shard_id, batch.first_seq, batch.last_seq)
         out = []
         for dataset, tables in (("raw", batch.raw), ("dead_letter", batch.dead)):
             for bucket, table in sorted(tables.items()):
                 dt, hour = hour_partition(bucket)
-                out.append((posixpath.join(self.layout.partition(dataset, self.region, dt, hour), name), table))
+                out.append((dataset, posixpath.join(self.layout.partition(dataset, self.region, dt, hour), name), table))
         return out
 
     def paths(self, batch: FlushBatch) -> list[str]:
-        return [path for path, _ in self.files(batch)]
+        return [path for _, path, _ in self.files(batch)]
 
     def write(self, batch: FlushBatch) -> list[str]:
-        for path, table in self.files(batch):
-            write_parquet_atomic(self.fs, table, path)
-        return self.paths(batch)
+        written = []
+        for dataset, path, table in self.files(batch):
+            write_parquet_atomic(self.fs, table, path, use_dictionary=_DICTIONARY_COLUMNS.get(dataset, True))
+            written.append(path)
+        return written
 
 
 # Applies one batch's popularity increments exactly once: the marker and the increments are one atomic
 # step, so a replayed batch (same shard and sequence range) finds the marker and changes nothing.
+# KEYS = marker, then one bucket key per hour; ARGV = TTL, then per bucket "item weight item weight ...".
 _POPULARITY_SCRIPT = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
-local i = 3
 for k = 2, #KEYS do
-  local n = tonumber(ARGV[i]); i = i + 1
-  for _ = 1, n do
-    redis.call('ZINCRBY', KEYS[k], ARGV[i + 1], ARGV[i]); i = i + 2
+  for item, weight in string.gmatch(ARGV[k], '(%S+) (%S+)') do
+    redis.call('ZINCRBY', KEYS[k], weight, item)
   end
-  redis.call('EXPIRE', KEYS[k], ARGV[2])
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
 end
 return 1
 """
 
-
 # Updates many users' last-N sets in one round trip: ZADD GT never moves a timestamp backwards (so a
 # replayed or late batch is harmless), then the set is trimmed to N and its TTL refreshed.
-# ARGV = N, TTL, one count per key, then each key's (score, member) pairs in key order.
+# ARGV = N, TTL, then per key "ts item ts item ...". Pairs travel as one string per user, built by
+# Arrow, because encoding two arguments per event in the client costs more than the rest of the sink.
 # Keys are declared, as scripts must; this targets a non-clustered Redis (ElastiCache with cluster mode
 # disabled), see docs/ingest.md.
 _RECENT_SCRIPT = """
 local n = tonumber(ARGV[1])
-local i = 3 + #KEYS
 for k = 1, #KEYS do
-  local c = tonumber(ARGV[2 + k])
-  redis.call('ZADD', KEYS[k], 'GT', unpack(ARGV, i, i + 2 * c - 1)); i = i + 2 * c
+  local pairs = {}
+  for ts, item in string.gmatch(ARGV[2 + k], '(%d+) (%S+)') do
+    pairs[#pairs + 1] = ts; pairs[#pairs + 1] = item
+  end
+  redis.call('ZADD', KEYS[k], 'GT', unpack(pairs))
   redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -(n + 1))
   redis.call('EXPIRE', KEYS[k], ARGV[2])
 end
@@ -93,8 +101,13 @@ _TYPES = pa.array(list(EVENT_WEIGHTS), pa.string())
 _WEIGHTS = pa.array(list(EVENT_WEIGHTS.values()), pa.float64())
 
 
-def latest_per_user(events: pa.Table, n: int) -> tuple[list[str], np.ndarray, list[Any]]:
-    """Each user's newest ``n`` distinct items: (users, count per user, flat [ts, item, ts, item, ...]).
+def _pairs(left: pa.Array, right: pa.Array) -> pa.Array:
+    """Element-wise "left right" strings."""
+    return pc.binary_join_element_wise(left.cast(pa.string()), right.cast(pa.string()), " ")
+
+
+def latest_per_user(events: pa.Table, n: int) -> tuple[list[str], list[str]]:
+    """Each user's newest ``n`` distinct items: (users, per user "ts item ts item ..." newest first).
 
     Aggregated in Arrow rather than per record in Python: this runs for every flushed batch.
     """
@@ -103,7 +116,7 @@ def latest_per_user(events: pa.Table, n: int) -> tuple[list[str], np.ndarray, li
     users = latest.column("user_id").combine_chunks()
     rows = len(users)
     if rows == 0:
-        return [], np.zeros(0, dtype=np.int64), []
+        return [], []
     change = np.flatnonzero(
         pc.not_equal(users.slice(1), users.slice(0, rows - 1)).to_numpy(zero_copy_only=False)) + 1
     starts = np.concatenate(([0], change))
@@ -112,16 +125,21 @@ def latest_per_user(events: pa.Table, n: int) -> tuple[list[str], np.ndarray, li
         rank = np.arange(rows) - np.repeat(starts, counts)
         latest = latest.filter(pa.array(rank < n))
         counts = np.minimum(counts, n)
-    ts = latest.column("ts_max").cast(pa.int64()).to_pylist()
-    items = latest.column("item_id").to_pylist()
-    return users.take(pa.array(starts)).to_pylist(), counts, list(chain.from_iterable(zip(ts, items)))
+    pairs = _pairs(latest.column("ts_max").cast(pa.int64()).combine_chunks(),
+                   latest.column("item_id").combine_chunks())
+    offsets = pa.array(np.concatenate(([0], np.cumsum(counts))), pa.int32())
+    per_user = pc.binary_join(pa.ListArray.from_arrays(offsets, pairs), " ")
+    return users.take(pa.array(starts)).to_pylist(), per_user.to_pylist()
 
 
-def weighted_counts(events: pa.Table) -> tuple[list[str], list[float]]:
-    """Event-type-weighted interaction count per item."""
+def weighted_counts(events: pa.Table) -> str:
+    """Event-type-weighted interaction count per item, as "item weight item weight ..."."""
     weights = pc.take(_WEIGHTS, pc.index_in(events.column("event_type"), _TYPES))
     agg = pa.table({"item_id": events.column("item_id"), "w": weights}).group_by("item_id").aggregate([("w", "sum")])
-    return agg.column("item_id").to_pylist(), agg.column("w_sum").to_pylist()
+    if agg.num_rows == 0:
+        return ""
+    joined = _pairs(agg.column("item_id").combine_chunks(), agg.column("w_sum").combine_chunks())
+    return " ".join(joined.to_pylist())
 
 
 class RedisFeatureSink:
@@ -147,21 +165,16 @@ class RedisFeatureSink:
         return users
 
     def _write_recent(self, events: pa.Table) -> int:
-        users, counts, pairs = latest_per_user(events, self.recent_n)
-        offsets = np.concatenate(([0], np.cumsum(counts))) * 2
+        users, pairs = latest_per_user(events, self.recent_n)
         for a in range(0, len(users), _USERS_PER_CALL):
-            b = min(a + _USERS_PER_CALL, len(users))
-            keys = [user_recent_key(self.region, u) for u in users[a:b]]
-            args = [self.recent_n, self.recent_ttl_s, *counts[a:b].tolist(), *pairs[offsets[a]:offsets[b]]]
-            self._recent(keys=keys, args=args)
+            keys = [user_recent_key(self.region, u) for u in users[a:a + _USERS_PER_CALL]]
+            self._recent(keys=keys, args=[self.recent_n, self.recent_ttl_s, *pairs[a:a + _USERS_PER_CALL]])
         return len(users)
 
     def _write_popularity(self, batch: FlushBatch) -> None:
         keys = [popularity_batch_marker(self.region, batch.shard_id, batch.first_seq, batch.last_seq)]
-        args: list[Any] = [self.popularity_ttl_s, self.popularity_ttl_s]
+        args: list[Any] = [self.popularity_ttl_s]
         for bucket, table in sorted(batch.raw.items()):
-            items, weights = weighted_counts(table)
             keys.append(popularity_key(self.region, bucket))
-            args.append(len(items))
-            args.extend(chain.from_iterable(zip(items, weights)))
+            args.append(weighted_counts(table))
         self._popularity(keys=keys, args=args)

@@ -101,12 +101,15 @@ class Transformer:
         dedup_add = self.dedup.add
         out = Outcomes()
         current = None
-        rows = dead = None
+        count = 0
         for data, seq, pkey, received_ms in records:
+            count += 1
             bucket = received_ms // MS_PER_HOUR
             if bucket != current:
                 current = bucket
                 rows, dead = into.partition(bucket)
+                add_data, add_ts = rows.data.append, rows.ts_ms.append
+                add_received, add_seq = rows.received_ms.append, rows.sequence_number.append
             if len(data) > max_bytes:
                 problem = oversize(data, max_bytes)
             else:
@@ -119,17 +122,17 @@ class Transformer:
                         problem = InvalidEvent(
                             "future_ts", f"ts is {(event.ts - received_ms) // 1000} s after the server receive time")
                     elif dedup_add(event.event_id.lower()):
-                        rows.data.append(data)
-                        rows.ts_ms.append(event.ts)
-                        rows.received_ms.append(received_ms)
-                        rows.sequence_number.append(seq)
-                        out.ok += 1
+                        add_data(data)
+                        add_ts(event.ts)
+                        add_received(received_ms)
+                        add_seq(seq)
                         continue
                     else:
                         out.duplicate += 1
                         continue
             _dead_letter(dead, problem.reason, problem.detail, data, pkey, seq, received_ms)
             out.dead[problem.reason] += 1
+        out.ok = count - out.duplicate - out.dead.total()
         return out
 
 

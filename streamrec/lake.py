@@ -132,7 +132,7 @@ def filesystem(uri: str, *, endpoint_url: str | None = None, region: str | None 
 
 
 def write_parquet_atomic(fs: pafs.FileSystem, table: pa.Table, path: str, *,
-                         row_group_size: int | None = None) -> None:
+                         row_group_size: int | None = None, use_dictionary: bool | list[str] = True) -> None:
     """Write ``table`` so that readers see either no file or the whole file.
 
     Locally: write a hidden temporary file in the same folder, then rename (atomic on POSIX). On S3 the
@@ -144,10 +144,12 @@ def write_parquet_atomic(fs: pafs.FileSystem, table: pa.Table, path: str, *,
         fs.create_dir(directory, recursive=True)  # S3 has no folders: no empty "dir/" marker objects there
         tmp = posixpath.join(directory, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
-            pq.write_table(table, tmp, filesystem=fs, compression="snappy", row_group_size=row_group_size)
+            pq.write_table(table, tmp, filesystem=fs, compression="snappy", row_group_size=row_group_size,
+                           use_dictionary=use_dictionary)
             fs.move(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     else:
-        pq.write_table(table, path, filesystem=fs, compression="snappy", row_group_size=row_group_size)
+        pq.write_table(table, path, filesystem=fs, compression="snappy", row_group_size=row_group_size,
+                       use_dictionary=use_dictionary)
