@@ -334,8 +334,10 @@ class Worker:
                 if now >= state.next_poll and not state.ended:
                     busy |= self.poll(state, now)
                 # While re-reading a pending range, only reaching its last record may flush: any other
-                # boundary would write a second file over the same records.
-                if state.replay_until is None and (state.buffer.due(now * 1000) or (state.ended and len(state.buffer))):
+                # boundary would write a second file over the same records. At the end of a closed
+                # shard, or at the tip in drain mode, there is nothing to wait for.
+                at_end = len(state.buffer) and (state.ended or (self.until_drained and state.caught_up))
+                if state.replay_until is None and (state.buffer.due(now * 1000) or at_end):
                     self.flush(state)
                 if state.ended and not len(state.buffer):
                     self.finish(state)

@@ -69,8 +69,7 @@ def count_online_users(redis_client: Any, region: str) -> int:
     return sum(1 for _ in redis_client.scan_iter(match=user_recent_key(region, "*"), count=1000))
 
 
-def run_consumers(config_path: Path, region: str, workers: int, out_dir: Path, *,
-                  batch_max_seconds: float = 2.0) -> list[dict[str, Any]]:
+def run_consumers(config_path: Path, region: str, workers: int, out_dir: Path) -> list[dict[str, Any]]:
     """Run ``workers`` consumer processes for one region until the stream is drained; their summaries."""
     out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -81,7 +80,7 @@ def run_consumers(config_path: Path, region: str, workers: int, out_dir: Path, *
             log = (out_dir / f"{region}-worker-{n}.log").open("wb")
             cmd = [sys.executable, "-m", "streamrec", "ingest", "run", "--region", region, "--config",
                    str(config_path), "--until-drained", "--worker-id", f"demo-{region}-{n}",
-                   "--batch-max-seconds", str(batch_max_seconds), "--summary-out", str(summary)]
+                   "--summary-out", str(summary)]
             procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log), summary, log))
         results = []
         for proc, summary, log in procs:

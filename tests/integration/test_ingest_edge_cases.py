@@ -689,3 +689,22 @@ def test_worker_restarted_with_the_same_id_takes_back_its_orphaned_leases(
     table = lease_map(env)
     assert {s: l.checkpoint for s, l in table.items()} == last_seqs(puts)
     assert all(l.owner is None and l.pending is None for l in table.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# e. drain mode flushes at the tip instead of waiting for the batch age
+
+
+def test_drain_mode_flushes_at_the_tip_without_waiting_for_the_batch_age(
+        make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the production flush age (60 s) and a batch far from full, a drain-mode worker read to the
+    tip must write what it holds and exit, well before the age limit (fake time)."""
+    env = make_env(2, batch_max_seconds=60, batch_max_records=50_000)
+    puts = put_events(env, make_events(300))
+    clock = FakeClock()
+    worker = build_worker(env.settings, REGION, worker_id="A", clock=clock, until_drained=True)
+    started_at = clock.now
+    exited_at = run_drained(worker, clock, monkeypatch, fake_seconds=60, tick=0.001)
+    assert exited_at - started_at < 30
+    assert_exactly_once(env, ids(puts))
+    assert {s: l.checkpoint for s, l in lease_map(env).items()} == last_seqs(puts)
