@@ -1,4 +1,4 @@
-"""Replaying MovieLens, DIGINETICA and JSONL files (small samples written here, never ../shared)."""
+"""Replaying MovieLens, DIGINETICA and JSONL files: small samples written by the tests themselves."""
 
 from __future__ import annotations
 
