@@ -9,293 +9,49 @@ under a deadline.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
-import redis
 import yaml
+from ingest_support import (
+    REGION,
+    Env,
+    FakeClock,
+    assert_exactly_once,
+    assert_no_overlapping_batches,
+    batch_ranges,
+    checkpoints,
+    event,
+    last_seqs,
+    lease_map,
+    make_events,
+    put,
+    put_events,
+    raw_files,
+    read_dataset,
+    wait_until,
+)
 
-from ingest.lease_table import LeaseTable
-from ingest.leases import SHARD_END, TRIM_HORIZON, Lease
-from streamrec.aws import client
+from ingest.leases import SHARD_END, TRIM_HORIZON
 from streamrec.devstack.process import free_port
-from streamrec.devstack.provision import provision_region
-from streamrec.devstack.service import ServiceHandle
-from streamrec.events import EVENT_TYPES, EVENT_WEIGHTS, canonical_json
-from streamrec.lake import LakeLayout
+from streamrec.events import EVENT_WEIGHTS, canonical_json
 from streamrec.online import read_popular, read_recent
-from streamrec.settings import Settings, load_settings
 
 pytestmark = pytest.mark.integration
 
-REGION = "us-east-1"
-# Small timings so the whole file runs in well under a minute.
-FAST_INGEST: dict[str, Any] = {
-    "batch_max_seconds": 1,
-    "idle_poll_seconds": 0.1,
-    "lease_duration_seconds": 2,
-    "lease_renew_seconds": 0.5,
-}
-# Crash tests wait for a dead worker's lease to expire; with one live worker at a time a short lease is safe.
+# Environments (make_env) start from ingest_support.FAST_INGEST: small timings, so the whole file runs in
+# well under a minute. Crash tests wait for a dead worker's lease to expire; with one live worker at a
+# time a short lease is safe.
 SHORT_LEASE: dict[str, Any] = {"lease_duration_seconds": 1, "lease_renew_seconds": 0.25}
-WORKER_TIMEOUT_S = 45.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# helpers
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``cond`` until it returns something truthy (returned); fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-@dataclass
-class Env:
-    settings: Settings
-    config: Path
-    tmp: Path
-
-    @property
-    def region(self) -> Any:
-        return self.settings.region(REGION)
-
-    @property
-    def stream(self) -> str:
-        return self.region.stream_name
-
-    def kinesis(self) -> Any:
-        return client("kinesis", REGION, self.settings.aws)
-
-    def leases(self) -> LeaseTable:
-        return LeaseTable(client("dynamodb", REGION, self.settings.aws), self.region.tables.leases)
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.region.redis_url)
-
-    @property
-    def lake(self) -> LakeLayout:
-        return LakeLayout(self.region.lake_uri)
-
-
-@pytest.fixture
-def make_env(tmp_path: Path, moto_server: ServiceHandle, redis_url: str) -> Callable[..., Env]:
-    """Provisioned settings with unique stream and table names, written to a YAML file for the workers."""
-
-    def make(shard_count: int, **ingest: Any) -> Env:
-        suffix = uuid.uuid4().hex[:8]
-        document = {
-            "environment": "local",
-            "aws": {"endpoint_url": moto_server.url, "access_key_id": "testing",
-                    "secret_access_key": "testing"},
-            "regions": {REGION: {
-                "stream_name": f"clicks-{suffix}",
-                "shard_count": shard_count,
-                "lake_uri": f"file://{tmp_path / f'lake-{suffix}'}",
-                "tables": {"leases": f"leases-{suffix}", "recs": f"recs-{suffix}",
-                           "features": f"features-{suffix}"},
-                "redis_url": redis_url,
-            }},
-            "ingest": {**FAST_INGEST, **ingest},
-        }
-        path = tmp_path / f"streamrec-{suffix}.yaml"
-        path.write_text(yaml.safe_dump(document, sort_keys=False))
-        settings = load_settings(path)
-        provision_region(settings, REGION)
-        return Env(settings, path, tmp_path)
-
-    return make
-
-
-@dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    worker_id: str
-    log: Path
-    summary: Path
-
-    def wait(self, timeout: float = WORKER_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"worker {self.worker_id} did not exit within {timeout:.0f}s\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stats(self) -> dict[str, Any]:
-        return json.loads(self.summary.read_text())
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start `streamrec ingest run` processes; any still running at the end of the test are killed."""
-    started: list[WorkerProcess] = []
-
-    def start(env: Env, *extra: str, worker_id: str | None = None, until_drained: bool = True,
-              config: Path | None = None) -> WorkerProcess:
-        wid = worker_id or f"w-{uuid.uuid4().hex[:6]}"
-        log = tmp_path / f"{wid}.log"
-        summary = tmp_path / f"{wid}.summary.json"
-        argv = [sys.executable, "-m", "streamrec", "ingest", "run", "--region", REGION,
-                "--config", str(config or env.config), "--worker-id", wid, "--summary-out", str(summary),
-                *extra]
-        if until_drained:
-            argv.append("--until-drained")
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        worker = WorkerProcess(proc, wid, log, summary)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
-            worker.proc.wait()
-
-
-def event(user: str, item: str, ts: datetime, event_type: str = "view", **extra: Any) -> dict[str, Any]:
-    out = {
-        "event_id": str(uuid.uuid4()),
-        "user_id": user,
-        "session_id": f"s-{user}",
-        "item_id": item,
-        "event_type": event_type,
-        "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z",
-        "region": REGION,
-    }
-    out.update(extra)
-    return out
-
-
-@dataclass
-class Put:
-    data: bytes
-    shard_id: str
-    seq: str
-
-
-def put(env: Env, records: list[tuple[bytes, str]]) -> list[Put]:
-    """PutRecords in chunks of 500; returns where each record landed."""
-    kinesis = env.kinesis()
-    out: list[Put] = []
-    for start in range(0, len(records), 500):
-        chunk = records[start:start + 500]
-        resp = kinesis.put_records(StreamName=env.stream,
-                                   Records=[{"Data": d, "PartitionKey": k} for d, k in chunk])
-        assert resp["FailedRecordCount"] == 0
-        out.extend(Put(d, r["ShardId"], r["SequenceNumber"]) for (d, _), r in zip(chunk, resp["Records"]))
-    return out
-
-
-def put_events(env: Env, events: list[dict[str, Any]]) -> list[Put]:
-    return put(env, [(canonical_json(e), e["user_id"]) for e in events])
-
-
-def last_seqs(puts: list[Put]) -> dict[str, str]:
-    last: dict[str, str] = {}
-    for p in puts:
-        if p.shard_id not in last or int(p.seq) > int(last[p.shard_id]):
-            last[p.shard_id] = p.seq
-    return last
-
-
-def make_events(n: int, users: int = 100, items: int = 37,
-                start: datetime | None = None) -> list[dict[str, Any]]:
-    """``n`` events with distinct, increasing timestamps (ms apart) and a mix of event types."""
-    start = start or datetime.now(UTC) - timedelta(minutes=30)
-    return [event(f"u{i % users}", f"i{(i * 7) % items}", start + timedelta(milliseconds=i * 10),
-                  EVENT_TYPES[i % len(EVENT_TYPES)]) for i in range(n)]
-
-
-def read_dataset(env: Env, name: str) -> pa.Table:
-    root = Path(env.lake.dataset(name))  # type: ignore[arg-type]
-    files = [str(p) for p in root.rglob("*.parquet")] if root.exists() else []
-    if not files:
-        return pa.table({})
-    return ds.dataset(files, format="parquet", partitioning=ds.partitioning(flavor="hive"),
-                      partition_base_dir=str(root)).to_table()
-
-
-def lake_files(env: Env) -> list[Path]:
-    base = Path(env.lake.base)
-    return sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []
-
-
-def raw_files(env: Env) -> list[Path]:
-    root = Path(env.lake.dataset("raw"))
-    return sorted(root.rglob("*.parquet")) if root.exists() else []
-
-
-_NAME = re.compile(r"^(?P<shard>.+)-(?P<first>\d+)-(?P<last>\d+)\.parquet$")
-
-
-def batch_ranges(env: Env) -> dict[str, set[tuple[int, int]]]:
-    """Every distinct batch file name in raw + dead_letter, as (first, last) ranges per shard."""
-    ranges: dict[str, set[tuple[int, int]]] = defaultdict(set)
-    for path in lake_files(env):
-        match = _NAME.match(path.name)
-        assert match, f"unexpected file in the lake: {path}"
-        ranges[match["shard"]].add((int(match["first"]), int(match["last"])))
-    return ranges
-
-
-def assert_no_overlapping_batches(env: Env) -> None:
-    for shard, spans in batch_ranges(env).items():
-        ordered = sorted(spans)
-        for (a_first, a_last), (b_first, b_last) in zip(ordered, ordered[1:]):
-            assert a_last < b_first, (
-                f"{shard}: batch files {a_first}-{a_last} and {b_first}-{b_last} cover the same records")
-
-
-def assert_exactly_once(env: Env, expected_ids: set[str]) -> pa.Table:
-    raw = read_dataset(env, "raw")
-    counts = Counter(raw.column("event_id").to_pylist()) if raw.num_rows else Counter()
-    dupes = {k: v for k, v in counts.items() if v > 1}
-    missing = expected_ids - set(counts)
-    extra = set(counts) - expected_ids
-    assert not dupes, f"{len(dupes)} event ids in the raw lake more than once, e.g. {list(dupes.items())[:3]}"
-    assert not missing, f"{len(missing)} event ids missing from the raw lake"
-    assert not extra, f"{len(extra)} unexpected event ids in the raw lake"
-    assert not [p for p in lake_files(env) if p.name.endswith(".tmp")]
-    return raw
-
-
-def lease_map(env: Env) -> dict[str, Lease]:
-    return {lease.shard_id: lease for lease in env.leases().scan()}
-
-
-def checkpoints(env: Env) -> dict[str, str]:
-    return {s: l.checkpoint for s, l in lease_map(env).items()}
 
 
 def metric(port: int, name: str) -> float | None:
@@ -645,17 +401,6 @@ def test_child_shard_waits_for_its_parent_to_reach_shard_end(
 
 # ---------------------------------------------------------------------------------------------------
 # lease lost, then regained: the worker's dedup window must not swallow the re-read records
-
-
-@dataclass
-class FakeClock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_records_reread_after_a_lost_lease_are_not_dropped_as_duplicates(

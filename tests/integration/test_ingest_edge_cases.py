@@ -11,252 +11,48 @@ the real moto Kinesis client injects exactly that behaviour, and says why where 
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import uuid
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import cached_property
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
-import yaml
 from botocore.exceptions import ClientError
+from ingest_support import (
+    BATCH_NAME,
+    REGION,
+    Env,
+    FakeClock,
+    Put,
+    assert_exactly_once,
+    assert_no_overlapping_batches,
+    batch_ranges,
+    ids,
+    last_seqs,
+    lease_map,
+    put_events,
+    raw_files,
+)
+from ingest_support import FAST_INGEST as _FAST_INGEST
+from ingest_support import make_events as _make_events
 
 import ingest.worker
-from ingest.lease_table import LeaseTable
-from ingest.leases import SHARD_END, TRIM_HORIZON, Lease
+from ingest.leases import SHARD_END, TRIM_HORIZON
 from ingest.worker import Worker, build_worker
-from streamrec.aws import client
-from streamrec.devstack.provision import provision_region
-from streamrec.devstack.service import ServiceHandle
-from streamrec.events import EVENT_TYPES, canonical_json
-from streamrec.lake import LakeLayout
-from streamrec.settings import Settings, load_settings
 
 pytestmark = pytest.mark.integration
 
-REGION = "us-east-1"
+# make_env and workers (conftest.py) take this module's FAST_INGEST and WORKER_TIMEOUT_S.
 # In-process workers run on a fake clock: these durations are fake seconds, except idle_poll_seconds,
 # which also bounds the real sleep of an idle loop iteration in Worker.run.
-FAST_INGEST: dict[str, Any] = {
-    "batch_max_seconds": 1,
-    "idle_poll_seconds": 0.01,
-    "lease_duration_seconds": 2,
-    "lease_renew_seconds": 0.5,
-}
+FAST_INGEST: dict[str, Any] = {**_FAST_INGEST, "idle_poll_seconds": 0.01}
 WORKER_TIMEOUT_S = 30.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# environment, records, lake
-
-
-@dataclass
-class Env:
-    settings: Settings
-    config: Path
-    tmp: Path
-
-    @property
-    def region(self) -> Any:
-        return self.settings.region(REGION)
-
-    @property
-    def stream(self) -> str:
-        return self.region.stream_name
-
-    # One client each per test: creating a boto3 client costs about 0.2 s.
-    @cached_property
-    def _kinesis(self) -> Any:
-        return client("kinesis", REGION, self.settings.aws)
-
-    @cached_property
-    def _leases(self) -> LeaseTable:
-        return LeaseTable(client("dynamodb", REGION, self.settings.aws), self.region.tables.leases)
-
-    def kinesis(self) -> Any:
-        return self._kinesis
-
-    def leases(self) -> LeaseTable:
-        return self._leases
-
-    @property
-    def lake(self) -> LakeLayout:
-        return LakeLayout(self.region.lake_uri)
-
-    def shard_ids(self) -> list[str]:
-        return sorted(s["ShardId"] for s in self.kinesis().list_shards(StreamName=self.stream)["Shards"])
-
-
-@pytest.fixture
-def make_env(tmp_path: Path, moto_server: ServiceHandle, redis_url: str) -> Callable[..., Env]:
-    """Provisioned settings with unique stream and table names, written to a YAML file for the workers."""
-
-    def make(shard_count: int, **ingest: Any) -> Env:
-        suffix = uuid.uuid4().hex[:8]
-        document = {
-            "environment": "local",
-            "aws": {"endpoint_url": moto_server.url, "access_key_id": "testing",
-                    "secret_access_key": "testing"},
-            "regions": {REGION: {
-                "stream_name": f"clicks-{suffix}",
-                "shard_count": shard_count,
-                "lake_uri": f"file://{tmp_path / f'lake-{suffix}'}",
-                "tables": {"leases": f"leases-{suffix}", "recs": f"recs-{suffix}",
-                           "features": f"features-{suffix}"},
-                "redis_url": redis_url,
-            }},
-            "ingest": {**FAST_INGEST, **ingest},
-        }
-        path = tmp_path / f"streamrec-{suffix}.yaml"
-        path.write_text(yaml.safe_dump(document, sort_keys=False))
-        settings = load_settings(path)
-        provision_region(settings, REGION)
-        return Env(settings, path, tmp_path)
-
-    return make
-
-
-def event(user: str, item: str, ts: datetime, event_type: str = "view") -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "user_id": user,
-        "session_id": f"s-{user}",
-        "item_id": item,
-        "event_type": event_type,
-        "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z",
-        "region": REGION,
-    }
-
-
-def make_events(n: int, users: int = 50, items: int = 37) -> list[dict[str, Any]]:
-    start = datetime.now(UTC) - timedelta(minutes=30)
-    return [event(f"u{i % users}", f"i{(i * 7) % items}", start + timedelta(milliseconds=i * 10),
-                  EVENT_TYPES[i % len(EVENT_TYPES)]) for i in range(n)]
-
-
-@dataclass
-class Put:
-    event_id: str
-    shard_id: str
-    seq: str
-
-
-def put_events(env: Env, events: list[dict[str, Any]], hash_key: str | None = None) -> list[Put]:
-    """PutRecords (partition key = user id, or every record to the shard owning ``hash_key``)."""
-    kinesis = env.kinesis()
-    out: list[Put] = []
-    for start in range(0, len(events), 500):
-        chunk = events[start:start + 500]
-        entries = [{"Data": canonical_json(e), "PartitionKey": e["user_id"],
-                    **({"ExplicitHashKey": hash_key} if hash_key else {})} for e in chunk]
-        resp = kinesis.put_records(StreamName=env.stream, Records=entries)
-        assert resp["FailedRecordCount"] == 0
-        out.extend(Put(e["event_id"], r["ShardId"], r["SequenceNumber"]) for e, r in zip(chunk, resp["Records"]))
-    return out
-
-
-def last_seqs(puts: list[Put]) -> dict[str, str]:
-    last: dict[str, str] = {}
-    for p in puts:
-        if p.shard_id not in last or int(p.seq) > int(last[p.shard_id]):
-            last[p.shard_id] = p.seq
-    return last
-
-
-def read_raw(env: Env) -> pa.Table:
-    root = Path(env.lake.dataset("raw"))  # type: ignore[arg-type]
-    files = [str(p) for p in root.rglob("*.parquet")] if root.exists() else []
-    if not files:
-        return pa.table({"event_id": pa.array([], pa.string())})
-    return ds.dataset(files, format="parquet", partitioning=ds.partitioning(flavor="hive"),
-                      partition_base_dir=str(root)).to_table()
-
-
-def lake_files(env: Env) -> list[Path]:
-    base = Path(env.lake.base)
-    return sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []
-
-
-def raw_files(env: Env) -> list[Path]:
-    root = Path(env.lake.dataset("raw"))
-    return sorted(root.rglob("*.parquet")) if root.exists() else []
-
-
-_NAME = re.compile(r"^(?P<shard>.+)-(?P<first>\d+)-(?P<last>\d+)\.parquet$")
-
-
-def batch_ranges(env: Env) -> dict[str, set[tuple[int, int]]]:
-    """Every distinct batch file name in the lake, as (first, last) sequence ranges per shard."""
-    ranges: dict[str, set[tuple[int, int]]] = defaultdict(set)
-    for path in lake_files(env):
-        match = _NAME.match(path.name)
-        assert match, f"unexpected file in the lake: {path}"
-        ranges[match["shard"]].add((int(match["first"]), int(match["last"])))
-    return ranges
-
-
-def assert_no_overlapping_batches(env: Env) -> None:
-    for shard, spans in batch_ranges(env).items():
-        ordered = sorted(spans)
-        for (a_first, a_last), (b_first, b_last) in zip(ordered, ordered[1:]):
-            assert a_last < b_first, (
-                f"{shard}: batch files {a_first}-{a_last} and {b_first}-{b_last} cover the same records")
-
-
-def assert_exactly_once(env: Env, expected_ids: set[str]) -> None:
-    counts = Counter(read_raw(env).column("event_id").to_pylist())
-    dupes = {k: v for k, v in counts.items() if v > 1}
-    missing = expected_ids - set(counts)
-    extra = set(counts) - expected_ids
-    assert not dupes, f"{len(dupes)} event ids in the raw lake more than once, e.g. {list(dupes.items())[:3]}"
-    assert not missing, f"{len(missing)} of {len(expected_ids)} event ids missing from the raw lake"
-    assert not extra, f"{len(extra)} unexpected event ids in the raw lake"
-    assert not [p for p in lake_files(env) if p.name.endswith(".tmp")]
-
-
-def lease_map(env: Env) -> dict[str, Lease]:
-    return {lease.shard_id: lease for lease in env.leases().scan()}
-
-
-def ids(puts: list[Put]) -> set[str]:
-    return {p.event_id for p in puts}
+# Events from 50 users (partition keys) unless a test says otherwise.
+make_events = partial(_make_events, users=50)
 
 
 # ---------------------------------------------------------------------------------------------------
 # in-process workers on a fake clock
-
-
-@dataclass
-class FakeClock:
-    """A monotonic clock that moves only when told to (``advance``), or by ``tick`` on every reading
-    while ``run`` drives ``Worker.run``; it stops that worker (gracefully) past ``deadline``."""
-
-    now: float = 1000.0
-    tick: float = 0.0
-    deadline: float = float("inf")
-    overran: bool = False
-    on_deadline: Callable[[], None] = lambda: None
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        if self.now > self.deadline and not self.overran:
-            self.overran = True
-            self.on_deadline()
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def run_drained(worker: Worker, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
@@ -295,59 +91,6 @@ def checkpoint_is(env: Env, want: dict[str, str]) -> Callable[[], bool]:
         table = lease_map(env)
         return all(table[s].checkpoint == seq for s, seq in want.items())
     return reached
-
-
-# ---------------------------------------------------------------------------------------------------
-# worker processes
-
-
-@dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    worker_id: str
-    log: Path
-    summary: Path
-
-    def wait(self, timeout: float = WORKER_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"worker {self.worker_id} did not exit within {timeout:.0f}s\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stats(self) -> dict[str, Any]:
-        return json.loads(self.summary.read_text())
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start `streamrec ingest run --until-drained` processes; any still running at the end are killed."""
-    started: list[WorkerProcess] = []
-
-    def start(env: Env, *extra: str, worker_id: str) -> WorkerProcess:
-        n = sum(1 for w in started if w.worker_id == worker_id)
-        log = tmp_path / f"{worker_id}-{n}.log"
-        summary = tmp_path / f"{worker_id}-{n}.summary.json"
-        argv = [sys.executable, "-m", "streamrec", "ingest", "run", "--region", REGION,
-                "--config", str(env.config), "--worker-id", worker_id, "--summary-out", str(summary),
-                "--until-drained", *extra]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        worker = WorkerProcess(proc, worker_id, log, summary)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
-            worker.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -628,7 +371,7 @@ def test_expired_iterator_before_the_first_record_replays_the_pending_range(
     lease = lease_map(env)[shard]
     assert lease.owner == "crasher" and lease.checkpoint == first[-1].seq
     assert lease.pending == (second[0].seq, second[-1].seq)
-    (crashed_file,) = [p for p in raw_files(env) if _NAME.match(p.name)["first"] == second[0].seq]  # type: ignore[index]
+    (crashed_file,) = [p for p in raw_files(env) if BATCH_NAME.match(p.name)["first"] == second[0].seq]  # type: ignore[index]
     inode = crashed_file.stat().st_ino
 
     worker = build_worker(env.settings, REGION, worker_id="B", clock=clock)
