@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-demo: deps  ## run the whole job end to end on the local stack (moto, redis-server, PostgreSQL, Spark, Ray)
+demo: deps  ## run the job end to end on the local stack (moto, redis-server, PostgreSQL)
 	$(VENV)/bin/streamrec demo
 
 test: deps  ## run the whole test suite (unit, integration, charts, e2e)
