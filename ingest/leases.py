@@ -32,6 +32,16 @@ class Lease:
         return self.checkpoint == SHARD_END
 
 
+def read_start(lease: Lease) -> tuple[str, str | None]:
+    """Where a new owner starts reading (shard iterator type, sequence number): at the first record of
+    a pending batch (to rewrite exactly its files), else after the checkpoint, else the oldest record."""
+    if lease.pending is not None:
+        return "AT_SEQUENCE_NUMBER", lease.pending[0]
+    if lease.checkpoint == TRIM_HORIZON:
+        return "TRIM_HORIZON", None
+    return "AFTER_SEQUENCE_NUMBER", lease.checkpoint
+
+
 @dataclass
 class ExpiryTracker:
     """Remembers when each lease's counter or owner was last seen to change (local monotonic time)."""

@@ -35,7 +35,7 @@ from ingest import metrics
 from ingest.buffer import FlushBatch, ShardBuffer
 from ingest.dedup import DedupWindow
 from ingest.lease_table import LeaseTable, LeaseTableMissing
-from ingest.leases import SHARD_END, TRIM_HORIZON, ExpiryTracker, Lease, eligible, plan_takes
+from ingest.leases import SHARD_END, ExpiryTracker, Lease, eligible, plan_takes, read_start
 from ingest.sinks import LakeSink, RedisFeatureSink
 from ingest.transform import Transformer
 
@@ -106,7 +106,8 @@ class LeaseLost(Exception):
 
 
 class StartupError(RuntimeError):
-    """The worker cannot start: a missing stream, lease table or unreachable endpoint."""
+    """The worker cannot start: a missing stream or lease table, an unreachable AWS endpoint, rejected
+    credentials, an unreachable Redis or an unusable lake root."""
 
 
 class Worker:
@@ -294,15 +295,11 @@ class Worker:
         buffer = ShardBuffer(lease.shard_id, self.transformer_factory(), self.batch_max_records,
                              self.batch_max_bytes, self.batch_max_ms)
         state = ShardState(lease=lease, buffer=buffer)
+        state.start = read_start(lease)
         if lease.pending is not None:
             # The previous owner may have written this batch's files without checkpointing: re-read
             # exactly that range first, so the same file names are written again.
-            state.start = ("AT_SEQUENCE_NUMBER", lease.pending[0])
             state.replay_until = lease.pending[1]
-        elif lease.checkpoint == TRIM_HORIZON:
-            state.start = ("TRIM_HORIZON", None)
-        else:
-            state.start = ("AFTER_SEQUENCE_NUMBER", lease.checkpoint)
         state.iterator = self._iterator(lease.shard_id, *state.start)
         self.shards[lease.shard_id] = state
         log.info("lease taken", extra={"shard": lease.shard_id, "from": stolen_from,
@@ -444,8 +441,7 @@ class Worker:
     def _unread(self, lease: Lease) -> bool:
         """Whether another worker's shard has records after its checkpoint, or ended without SHARD_END.
         Liveness cannot tell this: a worker killed just after renewing looks alive for a lease duration."""
-        start = ("TRIM_HORIZON", None) if lease.checkpoint == TRIM_HORIZON else ("AFTER_SEQUENCE_NUMBER", lease.checkpoint)
-        out = self.kinesis.get_records(ShardIterator=self._iterator(lease.shard_id, *start), Limit=1)
+        out = self.kinesis.get_records(ShardIterator=self._iterator(lease.shard_id, *read_start(lease)), Limit=1)
         return bool(out.get("Records")) or int(out.get("MillisBehindLatest", 0)) > 0 or not out.get("NextShardIterator")
 
     def _account(self, batch: FlushBatch) -> None:
