@@ -10,10 +10,10 @@ STAMP := $(VENV)/.deps-installed
 # torch is pinned to the CPU build that installs from local disk; it goes in first so that nothing
 # else pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
-EXTRAS := spark,ray,operators,dev
+EXTRAS := spark,ray,operators,dev,bench
 PYTEST_ARGS ?=
 
-.PHONY: help demo test deps system-deps bench-ingest clean
+.PHONY: help demo test deps system-deps bench-ingest bench-etl clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ test: deps  ## run the whole test suite (unit, integration, charts, e2e)
 
 bench-ingest: deps  ## consumer throughput against the decode-only baseline
 	$(PY) -m benchmarks.ingest
+
+bench-etl: deps  ## Spark ETL throughput against DuckDB on the same raw Parquet
+	$(PY) -m benchmarks.etl
 
 deps: system-deps $(STAMP)  ## install system packages and the Python environment
 

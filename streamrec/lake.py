@@ -6,6 +6,7 @@ Athena/Redshift Spectrum all read them without configuration::
     {root}/raw/region=us-east-1/dt=2026-11-26/hour=08/{shard}-{first_seq}-{last_seq}.parquet
     {root}/dead_letter/region=.../dt=.../hour=.../{shard}-{first_seq}-{last_seq}.parquet
     {root}/clean/region=.../dt=.../            features/region=.../dt=.../{table}/
+    {root}/keys/region=.../dt=.../{popular,items,users}/   (key data points for the online store)
     {root}/models/region=.../{version}/        recs/region=.../dt=.../
 
 The root is ``file:///abs/path`` locally or ``s3://bucket/prefix`` in AWS. Path helpers are pure;
@@ -26,8 +27,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-Dataset = Literal["raw", "dead_letter", "clean", "features", "models", "recs"]
-DATASETS: tuple[str, ...] = ("raw", "dead_letter", "clean", "features", "models", "recs")
+Dataset = Literal["raw", "dead_letter", "clean", "features", "keys", "models", "recs"]
+DATASETS: tuple[str, ...] = ("raw", "dead_letter", "clean", "features", "keys", "models", "recs")
 
 
 def validate_lake_uri(uri: str) -> str:
@@ -127,7 +128,9 @@ def filesystem(uri: str, *, endpoint_url: str | None = None, region: str | None 
         if access_key and secret_key:
             kwargs["access_key"] = access_key
             kwargs["secret_key"] = secret_key
-        return pafs.S3FileSystem(**kwargs)
+        # A small object is one PUT (atomic, nothing left behind on a crash) instead of a 3-request
+        # multipart upload whose abandoned parts cost storage until a lifecycle rule aborts them.
+        return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
     raise ValueError(f"lake URI must be file:// or s3://, got {uri!r}")
 
 

@@ -126,6 +126,77 @@ class IngestSettings(_Strict):
         return self
 
 
+class EtlSettings(_Strict):
+    """The Spark ETL's data rules (spark_etl/). Spark itself is tuned in ``spark``."""
+
+    # -- Raw partitions are by receive hour; the run for day D also reads this many hours of D+1 so
+    # events that arrived late still land on their event day. Schedule the daily run after this window.
+    late_arrival_hours: int = Field(6, ge=0, le=31 * 24)
+    # -- A new session starts after this much inactivity (sessions do not cross midnight UTC).
+    session_gap_minutes: int = Field(30, ge=1, le=24 * 60)
+    # -- Bot rule: a session with at least bot_min_session_events events at a sustained rate above
+    # bot_max_events_per_minute, or a user with more than bot_max_user_events_per_day events in a day,
+    # is removed (humans manage a few events per minute).
+    bot_min_session_events: int = Field(20, ge=2)
+    bot_max_events_per_minute: float = Field(30.0, gt=0)
+    bot_max_user_events_per_day: int = Field(5_000, ge=1)
+    # -- Items kept in a user's history (user table last-N and each training example's history).
+    history_length: int = Field(50, ge=1, le=1_000)
+    # -- Purchased items kept per user, for scoring's "exclude what they bought" rule.
+    purchased_items_max: int = Field(200, ge=0, le=10_000)
+    # -- Training examples come from this many days before the cutoff day; the cutoff day is evaluation.
+    train_days: int = Field(14, ge=1, le=365)
+    # -- Size of the per-region popularity list exported for the online store.
+    popular_top_k: int = Field(100, ge=1, le=1_000)
+    # -- Data-quality gate: fail when the output has fewer rows than (1 - share) x the previous day's.
+    max_row_drop_share: float = Field(0.5, ge=0, le=1)
+    # -- Output Parquet: rows per file and row-group bytes (Ray Data reads one row group per block).
+    max_rows_per_file: int = Field(1_000_000, ge=1_000)
+    row_group_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
+
+
+class SparkSettings(_Strict):
+    """Spark session settings, in one place (spark_etl/session.py turns them into Spark conf).
+
+    ``master`` is used by local runs only; on EMR on EKS the job submission decides.
+    """
+
+    master: str = "local[2]"
+    driver_memory: str = Field("2g", pattern=r"^[0-9]+[kmgt]$")
+    shuffle_partitions: int = Field(4, ge=1, le=100_000)
+    # -- Extra Spark properties, e.g. {"spark.sql.adaptive.enabled": "true"}; they win over the defaults.
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class EmrSettings(_Strict):
+    """EMR on EKS job submission (``streamrec etl submit``); empty until a region is deployed."""
+
+    virtual_cluster_id: str = ""
+    execution_role_arn: str = ""
+    # -- Spark 4 and Python 3.11+, which streamrec needs (emr-7.x ships Spark 3.5 on Python 3.9).
+    release_label: str = "emr-spark-8.0.0-latest"
+    # -- Where the packaged job code lives (see spark_etl/emr.py for how it gets there).
+    code_uri: str = ""
+    # -- Optional custom image with streamrec installed; when empty the code_uri archive is used.
+    image: str = ""
+    log_uri: str = ""
+    cloudwatch_log_group: str = "/streamrec/emr"
+    # -- R5 executors: r5.2xlarge has 8 vCPU / 64 GiB; 4 cores and 26g (+10% overhead) pack two per node.
+    executor_cores: int = Field(4, ge=1, le=64)
+    executor_memory: str = Field("26g", pattern=r"^[0-9]+[kmgt]$")
+    driver_cores: int = Field(2, ge=1, le=64)
+    driver_memory: str = Field("8g", pattern=r"^[0-9]+[kmgt]$")
+    min_executors: int = Field(1, ge=0)
+    max_executors: int = Field(20, ge=1)
+    node_selector: str = "node.kubernetes.io/instance-type=r5.2xlarge"
+
+    @model_validator(mode="after")
+    def _executor_bounds(self) -> "EmrSettings":
+        if self.min_executors > self.max_executors:
+            raise ValueError("min_executors must not exceed max_executors")
+        return self
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by STREAMREC_CONFIG (or given explicitly); absent file = no values."""
 
@@ -165,6 +236,9 @@ class Settings(BaseSettings):
     aws: AwsSettings = AwsSettings()
     regions: dict[str, RegionSettings] = Field(default_factory=dict)
     ingest: IngestSettings = IngestSettings()
+    etl: EtlSettings = EtlSettings()
+    spark: SparkSettings = SparkSettings()
+    emr: EmrSettings = EmrSettings()
 
     @field_validator("regions")
     @classmethod

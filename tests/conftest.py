@@ -119,7 +119,8 @@ def settings_factory(
     """Build provisioned :class:`Settings` pointing at the test servers, with names unique to the call.
 
     ``settings_factory(*regions, shard_count=2, ingest=None, provision=True)``: regions default to
-    ``("us-east-1",)``; ``ingest`` overrides IngestSettings fields (e.g. ``{"batch_max_records": 10}``).
+    ``("us-east-1",)``; ``ingest`` overrides IngestSettings fields (e.g. ``{"batch_max_records": 10}``),
+    ``etl`` EtlSettings fields.
     The settings are loaded from a YAML file through ``load_settings``, exactly like a process would.
     """
 
@@ -127,6 +128,7 @@ def settings_factory(
         *regions: str,
         shard_count: int = 2,
         ingest: dict[str, Any] | None = None,
+        etl: dict[str, Any] | None = None,
         provision: bool = True,
     ) -> Settings:
         names: Sequence[str] = regions or ("us-east-1",)
@@ -153,6 +155,8 @@ def settings_factory(
         }
         if ingest:
             document["ingest"] = ingest
+        if etl:
+            document["etl"] = etl
         path = tmp_path / f"streamrec-{suffix}.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         settings = load_settings(path)
@@ -168,3 +172,17 @@ def settings_factory(
 def local_settings(settings_factory: SettingsFactory) -> Settings:
     """Provisioned settings for us-east-1: its own stream, tables, lake dir, Redis db and database."""
     return settings_factory()
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    """One in-process Spark session (local[2], the ETL's own local conf) for every Spark test.
+
+    Starting Spark costs about 4 s, so it is shared; tests isolate themselves by lake directory.
+    """
+    from spark_etl.session import local_session
+    from streamrec.settings import SparkSettings
+
+    session = local_session(SparkSettings(shuffle_partitions=2), app_name="streamrec-tests")
+    yield session
+    session.stop()

@@ -16,6 +16,8 @@ def demo(
     events: Annotated[int, typer.Option(help="Records to generate per region (incl. bot, malformed, duplicate).")] = 25_000,
     users: Annotated[int, typer.Option(help="Users per region.")] = 2_000,
     items: Annotated[int, typer.Option(help="Items in the shared catalogue.")] = 3_000,
+    days: Annotated[float, typer.Option(min=2, max=30, help="Days of history the generated clickstream spans "
+                                        "(the ETL cleans each full day and builds features for the last).")] = 5.0,
     workers: Annotated[int, typer.Option(help="Consumer workers per region (they share the shards by lease).")] = 2,
     seed: Annotated[int, typer.Option(help="Generator seed (same seed, same records).")] = 7,
     state_dir: Annotated[Path, typer.Option(help="Where the demo's stack, lake and logs live (wiped at start).")] = Path(".streamrec/demo"),
@@ -26,8 +28,8 @@ def demo(
     from streamrec.devstack.process import DevStackError
 
     try:
-        reports = run_demo(state_dir.resolve(), events_per_region=events, users=users, items=items,
-                           workers_per_region=workers, seed=seed, keep_stack=keep_stack,
+        reports, etl_reports = run_demo(state_dir.resolve(), events_per_region=events, users=users, items=items,
+                           days=days, workers_per_region=workers, seed=seed, keep_stack=keep_stack,
                            say=lambda m: console.print(m, highlight=False))
     except (DemoError, DevStackError) as exc:
         raise UserError(f"demo failed: {exc}") from None
@@ -46,9 +48,38 @@ def demo(
     for reason in sorted({k for r in reports for k in r.dead_lettered}):
         reasons.add_row(reason, *(f"{r.dead_lettered.get(reason, 0):,}" for r in reports))
     console.print(reasons)
+    console.print(etl_table(etl_reports))
     lake = state_dir.resolve() / "lake"
-    console.print(f"lake: {lake} (raw/, dead_letter/: region=/dt=/hour=)", highlight=False)
+    console.print(f"lake: {lake}", highlight=False)
+    failed = False
     if not all(r.balanced for r in reports):
         console.print("[red]accounting failed: lake + dead-letter + duplicates != produced[/]")
+        failed = True
+    if not all(r.balanced for r in etl_reports):
+        console.print("[red]ETL accounting failed: clean rows + removed != raw rows of the days processed[/]")
+        failed = True
+    if failed:
         raise typer.Exit(1)
     console.print("every record accounted for: lake rows + dead letters + duplicates = produced")
+    console.print("every raw row of the ETL's days accounted for: clean rows + removed = raw rows")
+
+
+def etl_table(reports: list) -> Table:  # list[EtlReport]
+    """Rows are measures, columns regions: the ETL's figures fit 80 columns for any number of removals."""
+    table = Table(title=f"Spark ETL, {reports[0].days[0]} .. {reports[0].days[-1]}" if reports else "Spark ETL",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("")
+    for r in reports:
+        table.add_column(r.region, justify="right")
+    rows: list[tuple[str, list[str]]] = [("raw rows (event days)", [f"{r.raw_rows:,}" for r in reports])]
+    for reason in sorted({k for r in reports for k in r.removed}):
+        rows.append((f"removed: {reason}", [f"{r.removed.get(reason, 0):,}" for r in reports]))
+    rows.append(("clean rows", [f"{r.clean_rows:,}" for r in reports]))
+    for name in ("items", "users", "examples_train", "examples_eval"):
+        rows.append((f"features: {name}", [f"{r.features.get(name, 0):,}" for r in reports]))
+    for name in ("popular", "items", "users"):
+        rows.append((f"keys: {name}", [f"{r.keys.get(name, 0):,}" for r in reports]))
+    rows.append(("balanced", ["[green]yes[/]" if r.balanced else "[red]no[/]" for r in reports]))
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    return table

@@ -1,0 +1,1 @@
+"""Spark ETL: raw clickstream → clean events → features and key data points (EMR on EKS or local)."""
