@@ -197,6 +197,57 @@ class EmrSettings(_Strict):
         return self
 
 
+class TrainSettings(_Strict):
+    """Two-tower training with Ray Train (ray_apps/train.py). Local defaults suit 2 cores."""
+
+    # -- Data-parallel workers and CPUs per worker: Ray Data ingest needs spare CPUs, so 2 workers x 0.5
+    # CPU on a 2-core box (2 x 1 CPU hangs there); on R5 nodes e.g. 4 x 4.
+    workers: int = Field(2, ge=1, le=512)
+    cpus_per_worker: float = Field(0.5, gt=0, le=96)
+    # -- "auto" uses one GPU per worker when the Ray cluster has GPUs (NCCL, bf16 autocast), else CPU (gloo).
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    epochs: int = Field(3, ge=1, le=1_000)
+    # -- Global batch (split across workers); larger on GPU: in-batch negatives improve with size.
+    batch_size: int = Field(1024, ge=8, le=1_048_576)
+    gpu_batch_size: int = Field(8192, ge=8, le=1_048_576)
+    learning_rate: float = Field(0.003, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+    # -- Start from the promoted model's weights when its config matches (continuous daily training).
+    warm_start: bool = True
+    # -- Overrides of the model config (ray_apps.model.TwoTowerConfig fields), e.g. {"pooling": "attention"}.
+    model: dict[str, Any] = Field(default_factory=dict)
+    # -- Ray's object store for a local ray.init() (bytes); 0 lets Ray decide.
+    object_store_bytes: int = Field(512 * 1024 * 1024, ge=0)
+
+
+class GateSettings(_Strict):
+    """Promotion gate (ray_apps/evaluate.py): the decision and its numbers go into the manifest."""
+
+    # -- The metric the gate compares, e.g. recall@20 or ndcg@20 (K in 10, 20, 50, 100).
+    metric: str = Field("recall@20", pattern=r"^(recall|ndcg|mrr)@(10|20|50|100)$")
+    # -- Must beat the most-popular baseline by this relative margin (0.1 = 10% better).
+    min_lift_over_popular: float = Field(0.1, ge=0, le=100)
+    # -- May be at most this much (relative) worse than the promoted model on the same holdout.
+    max_regression: float = Field(0.02, ge=0, le=1)
+    # -- Evaluation users are sampled down to this many (full-catalogue ranking of every one of them).
+    max_eval_users: int = Field(50_000, ge=100)
+
+
+class ScoreSettings(_Strict):
+    """Batch scoring with Ray Data (ray_apps/score.py)."""
+
+    top_k: int = Field(100, ge=1, le=1_000)
+    # -- Leave out items the user already purchased (from the users table).
+    exclude_purchased: bool = True
+    batch_size: int = Field(4096, ge=16, le=1_048_576)
+    # -- Exact inner-product search up to this many items, FAISS IVF above (see ray_apps.ann).
+    exact_max_items: int = Field(50_000, ge=1)
+    # -- Ray Data concurrency of the scoring stage (actors, each holding the model and the index).
+    concurrency: int = Field(2, ge=1, le=1_024)
+    cpus_per_actor: float = Field(0.5, gt=0, le=96)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by STREAMREC_CONFIG (or given explicitly); absent file = no values."""
 
@@ -239,6 +290,9 @@ class Settings(BaseSettings):
     etl: EtlSettings = EtlSettings()
     spark: SparkSettings = SparkSettings()
     emr: EmrSettings = EmrSettings()
+    train: TrainSettings = TrainSettings()
+    gate: GateSettings = GateSettings()
+    score: ScoreSettings = ScoreSettings()
 
     @field_validator("regions")
     @classmethod

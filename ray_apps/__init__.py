@@ -1,0 +1,1 @@
+"""Ray applications: training, evaluation, model registry, batch scoring and serving."""
