@@ -238,6 +238,8 @@ class ScoreSettings(_Strict):
     """Batch scoring with Ray Data (ray_apps/score.py)."""
 
     top_k: int = Field(100, ge=1, le=1_000)
+    # -- Users with fewer history items than this are cold: they get the regional popularity list.
+    min_history: int = Field(1, ge=0, le=1_000)
     # -- Leave out items the user already purchased (from the users table).
     exclude_purchased: bool = True
     batch_size: int = Field(4096, ge=16, le=1_048_576)
