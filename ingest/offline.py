@@ -13,7 +13,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from ingest.buffer import ShardBuffer
 from ingest.dedup import DedupWindow
@@ -35,16 +35,13 @@ def _event_ms(data: bytes, fallback: int) -> int:
         return fallback
 
 
-# A record whose event time jumps this far past the previous record's is a client clock running ahead
-# (records arrive in event-time order): it is received "now", and the consumer's future-time check
-# dead-letters it as a live consumer would.
-_MAX_JUMP_MS = 12 * 3_600_000
-
-
-def _receive_ms(event_ms: int, previous: int, delay_ms: int) -> int:
-    if event_ms < 0 or (previous and event_ms > previous + _MAX_JUMP_MS):
-        return previous
-    return event_ms + delay_ms
+def _receive_ms(event_ms: int, previous: int, delay_ms: int, horizon_ms: int) -> int:
+    """When the simulated server receives a record: ``delay_ms`` after its event time, but never after
+    the simulated "now" (``horizon_ms``): a client clock running ahead of it is then caught by the
+    consumer's future-time check, as live. Undecodable records arrive with their predecessor."""
+    if event_ms < 0:
+        return previous or horizon_ms
+    return min(event_ms + delay_ms, horizon_ms)
 
 
 @dataclass
@@ -58,11 +55,13 @@ class LandingSummary:
 
 def land(records: Iterable[tuple[bytes, str]], lake_uri: str, region: str, *, shards: int = 2,
          batch_records: int = 50_000, delay_ms: int = 2_000, dedup_window: int = 100_000,
-         pii_salt: bytes = TransformConfig.pii_salt) -> LandingSummary:
+         pii_salt: bytes = TransformConfig.pii_salt, now: datetime | None = None) -> LandingSummary:
     """Write ``(data, partition_key)`` records, in event-time order, to ``lake_uri``'s raw and dead-letter
     datasets of ``region``, spread over ``shards`` pseudo-shards by partition key as Kinesis would.
 
-    ``dedup_window=0`` lets every duplicate through, leaving the exact dedup to the Spark ETL.
+    ``dedup_window=0`` lets every duplicate through, leaving the exact dedup to the Spark ETL. ``now`` is
+    the simulated present (default: the wall clock): nothing is received after it, so events stamped
+    later are dead-lettered as ``future_ts`` (pass the generator window's end for its planted ones).
     """
     layout = LakeLayout(lake_uri)
     sink = LakeSink(layout, filesystem(lake_uri), region)
@@ -75,6 +74,7 @@ def land(records: Iterable[tuple[bytes, str]], lake_uri: str, region: str, *, sh
     seq = [0] * shards
     summary = LandingSummary()
     received = 0
+    horizon_ms = int((now or datetime.now(UTC)).timestamp() * 1000)
 
     def flush(i: int) -> None:
         if pending[i]:
@@ -87,7 +87,7 @@ def land(records: Iterable[tuple[bytes, str]], lake_uri: str, region: str, *, sh
             summary.dead.update(batch.dead_reasons)
 
     for data, key in records:
-        received = _receive_ms(_event_ms(data, -1), received, delay_ms)
+        received = _receive_ms(_event_ms(data, -1), received, delay_ms, horizon_ms)
         i = zlib.crc32(key.encode()) % shards
         seq[i] += 1
         pending[i].append((data, f"{seq[i]:021d}", key, received))

@@ -7,36 +7,34 @@ days, exact duplicate event ids and behavioural bots, sessionizes, and replaces 
 
 from __future__ import annotations
 
-from datetime import date
-
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from spark_etl import lakeio, schemas, transforms
+from spark_etl import rawfiles, schemas, transforms
 from spark_etl.jobs.common import JobContext, MissingInputError, conform, files_for, run_with_summary, write_parquet
 from spark_etl.summary import RunSummary, non_empty_check, null_keys_check, row_drop_check, schema_check
 from spark_etl.transforms import DROP
-
-PARTITION_COLUMNS = ("dt", "hour")
+from streamrec.lake import filesystem
 
 
 def read_raw(ctx: JobContext, summary: RunSummary) -> DataFrame:
-    """The raw rows of the receive window, after the schema-contract check."""
-    days = sorted({dt for dt, _ in transforms.receive_hours(ctx.day, ctx.etl.late_arrival_hours)})
-    dirs = lakeio.existing(ctx.spark, [ctx.partition("raw", date.fromisoformat(d)) for d in days])
-    if not dirs:
+    """The raw rows of the receive window, after the schema-contract check of every file."""
+    layout = ctx.layout
+    fs = filesystem(layout.uri, region=ctx.region)
+    hours = transforms.receive_hours(ctx.day, ctx.etl.late_arrival_hours)
+    files = rawfiles.window_files(fs, layout.region_root("raw", ctx.region), hours)
+    if not files:
         raise MissingInputError(f"no raw data for region {ctx.region} around {ctx.dt} "
                                 f"under {ctx.region_root('raw')}")
-    try:
-        raw = (ctx.spark.read.option("basePath", ctx.region_root("raw")).option("mergeSchema", "true")
-               .parquet(*dirs))
-    except AnalysisException as exc:  # incompatible types in two files cannot even be merged
-        summary.check(schema_check("raw", [str(exc).splitlines()[0]], ctx.region_root("raw")))
-        raise
-    data_schema = type(raw.schema)([f for f in raw.schema.fields if f.name not in PARTITION_COLUMNS])
-    summary.check(schema_check("raw", schemas.drift(data_schema, schemas.RAW), ", ".join(dirs)))
-    return transforms.receive_window(raw, ctx.day, ctx.etl.late_arrival_hours)
+    drifted = rawfiles.drifted_files(fs, files, schemas.describe(schemas.RAW))
+    shown = sorted(drifted.items())[:3]
+    problems = [f"{layout.to_uri(path)}: {', '.join(p)}" for path, p in shown]
+    if len(drifted) > len(shown):
+        problems.append(f"and {len(drifted) - len(shown)} more files")
+    summary.check(schema_check("raw", problems, f"{len(drifted)} of {len(files)} raw files"))
+    # Every file matches the contract, so Spark needs no schema merge; basePath keeps dt and hour.
+    return (ctx.spark.read.option("basePath", ctx.region_root("raw"))
+            .parquet(*[layout.to_uri(path) for path in files]))
 
 
 def _null_counts(df: DataFrame) -> dict[str, int]:

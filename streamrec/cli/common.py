@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a long message (a lake path, an error) stays one line when output is not a terminal.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class UserError(Exception):
