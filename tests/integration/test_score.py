@@ -349,8 +349,9 @@ def test_cli_errors_are_one_line(world: World) -> None:
 
 
 def test_cli_rerun_replaces_the_folder_with_the_same_files(world: World, first_run: ScoreSummary) -> None:
-    """The CLI with the version and generated_at spelled out is the same run again: the same files,
-    byte for byte in content, and nothing a crashed run could have left behind."""
+    """The CLI with the version and generated_at spelled out is the same run again: the same rows under
+    the same deterministic file names, and nothing a crashed run could have left behind. (Which rows
+    land in which part file follows Ray Data's block split, which may differ between runs.)"""
     folder = recs_folder(world)
     before = file_contents(folder)
     (folder / "part-99999-0.parquet").write_bytes(b"stale")  # a stray data file in the target
@@ -367,8 +368,11 @@ def test_cli_rerun_replaces_the_folder_with_the_same_files(world: World, first_r
 
     after = file_contents(folder)
     assert list(after) == list(before), "the same deterministic file names, nothing stale"
-    for name, table in before.items():
-        assert after[name].equals(table), name
+
+    def rows(tables: dict[str, pa.Table]) -> pa.Table:
+        return pa.concat_tables(tables.values()).sort_by("user_id")
+
+    assert rows(after).equals(rows(before))
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name], "no staging or set-aside folder"
     assert sorted(p.name for p in folder.iterdir()) == sorted([*before, SUMMARY_FILE])
     again = read_summary(_fs(), str(folder))
