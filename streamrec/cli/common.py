@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-# soft_wrap: a long message (a lake path, an error) stays one line when output is not a terminal.
-console = Console(soft_wrap=True)
+console = Console()
+# soft_wrap: a long error (a lake path) stays one line when stderr is not a terminal.
 err_console = Console(stderr=True, soft_wrap=True)
 
 

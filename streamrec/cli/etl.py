@@ -77,7 +77,7 @@ def run(
                 try:
                     summary = next(results)
                 except (DataQualityError, MissingInputError) as exc:
-                    console.print(f"[red]{name} {region} {when} failed:[/] {exc}", highlight=False)
+                    console.print(f"[red]{name} {region} {when} failed:[/] {exc}", highlight=False, soft_wrap=True)
                     raise typer.Exit(3) from None
                 summaries.append(summary)
                 removed = ", ".join(f"{k} {v:,}" for k, v in summary.removed.items()) or "none"
