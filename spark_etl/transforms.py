@@ -34,19 +34,6 @@ def receive_hours(day: date, late_arrival_hours: int) -> list[tuple[str, str]]:
             for h in range(hours)]
 
 
-def receive_window(df: DataFrame, day: date, late_arrival_hours: int) -> DataFrame:
-    """Keep the raw rows whose receive-hour partition can hold events of ``day`` (partition pruning)."""
-    by_day: dict[str, list[str]] = {}
-    for dt, hour in receive_hours(day, late_arrival_hours):
-        by_day.setdefault(dt, []).append(hour)
-    cond: Column | None = None
-    for dt, hours in by_day.items():
-        part = (F.col("dt") == dt) & F.col("hour").isin(hours)
-        cond = part if cond is None else cond | part
-    assert cond is not None
-    return df.where(cond)
-
-
 def weight_of(event_type: Column) -> Column:
     expr = F.lit(None).cast("double")
     for name, weight in EVENT_WEIGHTS.items():

@@ -61,7 +61,7 @@ _S, _TS, _D, _I = StringType(), TimestampType(), DoubleType(), IntegerType()
 
 
 # --------------------------------------------------------------------------------------------------
-# receive_hours / receive_window
+# receive_hours
 # --------------------------------------------------------------------------------------------------
 
 def _hours(day: date, first: int, last: int) -> list[tuple[str, str]]:
@@ -88,16 +88,6 @@ def test_receive_hours_cover_last_hour_before_to_late_hours_after(day: date, lat
     assert hours == expected
     assert len(hours) == 1 + 24 + late
     assert len(set(hours)) == len(hours)
-
-
-def test_receive_window_keeps_only_partitions_of_the_window(spark: SparkSession) -> None:
-    parts = [("2026-03-08", "23", False), ("2026-03-09", "22", False), ("2026-03-09", "23", True),
-             ("2026-03-10", "00", True), ("2026-03-10", "13", True), ("2026-03-10", "23", True),
-             ("2026-03-11", "00", True), ("2026-03-11", "05", True), ("2026-03-11", "06", False),
-             ("2026-03-11", "23", False), ("2026-03-12", "00", False)]
-    df = spark.createDataFrame([(dt, hour) for dt, hour, _ in parts], schema(("dt", _S), ("hour", _S)))
-    kept = {(r.dt, r.hour) for r in transforms.receive_window(df, DAY, 6).collect()}
-    assert kept == {(dt, hour) for dt, hour, keep in parts if keep}
 
 
 # --------------------------------------------------------------------------------------------------
