@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,3 +44,18 @@ def load(config: Path | None):  # -> Settings (imported lazily to keep --help fa
         return load_settings(config)
     except SettingsError as exc:
         raise UserError(str(exc)) from None
+
+
+def parse_day(value: str, option: str = "--date") -> date:
+    """A YYYY-MM-DD option value; anything else is a one-line UserError naming the option."""
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"{option} {value!r}: expected a date as YYYY-MM-DD") from None
+
+
+def require_region(settings, region: str) -> None:  # settings: Settings (imported lazily)
+    """Refuse a --region the settings do not configure, listing those they do."""
+    if region not in settings.regions:
+        configured = ", ".join(sorted(settings.regions)) or "none"
+        raise UserError(f"--region {region}: not configured (configured: {configured})")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from streamrec.cli import etl_submit
-from streamrec.cli.common import ConfigOption, UserError, console, load
+from streamrec.cli.common import ConfigOption, UserError, console, load, parse_day, require_region
 
 app = typer.Typer(help="Spark ETL: raw clickstream → clean events → features and key data points.",
                   no_args_is_help=True)
@@ -18,13 +17,6 @@ app.command("request")(etl_submit.request)
 app.command("submit")(etl_submit.submit)
 
 JOB_HELP = "clean (raw → clean events), features (items, users, training examples), keys (online store), or all."
-
-
-def parse_day(value: str, option: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise UserError(f"{option} {value!r}: expected a date as YYYY-MM-DD") from None
 
 
 @app.command("run")
@@ -50,8 +42,7 @@ def run(
     from spark_etl.summary import DataQualityError
 
     settings = load(config)
-    if region not in settings.regions:
-        raise UserError(f"--region {region}: not configured (configured: {', '.join(sorted(settings.regions)) or 'none'})")
+    require_region(settings, region)
     if job not in runner.JOB_CHOICES:
         raise UserError(f"--job {job!r}: choose one of {', '.join(runner.JOB_CHOICES)}")
     start = parse_day(day, "--date")

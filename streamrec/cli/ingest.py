@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from streamrec.cli.common import ConfigOption, UserError, console, load
+from streamrec.cli.common import ConfigOption, UserError, console, load, require_region
 
 app = typer.Typer(help="Kinesis consumer: leases, raw lake, dead letters, Redis online features.",
                   no_args_is_help=True)
@@ -37,9 +37,7 @@ def run(
     from streamrec.logs import configure_logging
 
     settings = load(config)
-    rs = settings.region(region) if region in settings.regions else None
-    if rs is None:
-        raise UserError(f"--region {region}: not configured (configured: {', '.join(sorted(settings.regions)) or 'none'})")
+    require_region(settings, region)
     overrides = {}
     if batch_max_seconds is not None:
         overrides["batch_max_seconds"] = batch_max_seconds

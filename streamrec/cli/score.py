@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import datetime
 from typing import Annotated, Optional
 
 import typer
 
-from streamrec.cli.common import ConfigOption, UserError, console, load
+from streamrec.cli.common import ConfigOption, UserError, console, load, parse_day, require_region
 
 app = typer.Typer(help="Batch scoring: every user of a day → top-K recommendations in the lake.",
                   no_args_is_help=True)
-
-
-def _parse_day(value: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise UserError(f"--date {value!r}: expected a date as YYYY-MM-DD") from None
 
 
 def _parse_moment(value: str) -> datetime:
@@ -53,10 +46,8 @@ def run(
     written last: the sync step loads only outputs that have one.
     """
     settings = load(config)
-    if region not in settings.regions:
-        configured = ", ".join(sorted(settings.regions)) or "none"
-        raise UserError(f"--region {region}: not configured (configured: {configured})")
-    when = _parse_day(day)
+    require_region(settings, region)
+    when = parse_day(day)
     moment = _parse_moment(generated_at) if generated_at else None
 
     from ray_apps.registry import RegistryError

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from streamrec.cli.common import ConfigOption, UserError, console, load
+from streamrec.cli.common import ConfigOption, UserError, console, load, parse_day, require_region
 
 if TYPE_CHECKING:
     from ray_apps.train import TrainOutcome
@@ -18,13 +18,6 @@ app = typer.Typer(help="Two-tower training with Ray Train â†’ evaluation gate â†
 
 # Metrics shown next to the gate's own (each at the gate metric's K).
 SHOWN = ("recall", "ndcg", "mrr", "coverage")
-
-
-def _parse_day(value: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise UserError(f"--date {value!r}: expected a date as YYYY-MM-DD") from None
 
 
 @app.command("run")
@@ -42,10 +35,8 @@ def run(
     or the settings are wrong; 1: training or publication failed.
     """
     settings = load(config)
-    if region not in settings.regions:
-        configured = ", ".join(sorted(settings.regions)) or "none"
-        raise UserError(f"--region {region}: not configured (configured: {configured})")
-    when = _parse_day(day)
+    require_region(settings, region)
+    when = parse_day(day)
 
     from ray_apps.registry import RegistryError
     from ray_apps.train import FeaturePaths, FeaturesMissingError, TrainError
