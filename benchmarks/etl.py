@@ -172,11 +172,11 @@ tagged AS (
     FROM raw
 ),
 deduped AS (
-    -- Exact dedup: among the rows still in play, the copy received first is kept (ties broken by
-    -- shard and sequence number, so a rerun keeps the same copy).
+    -- Exact dedup: among one user's rows still in play, the copy of an event id received first is
+    -- kept (ties broken by shard and sequence number, so a rerun keeps the same copy).
     SELECT * REPLACE (
         CASE WHEN _drop IS NULL AND row_number() OVER (
-                 PARTITION BY event_id, _drop IS NULL ORDER BY received_at, shard_id, sequence_number) > 1
+                 PARTITION BY user_id, event_id, _drop IS NULL ORDER BY received_at, shard_id, sequence_number) > 1
              THEN 'duplicate' ELSE _drop END AS _drop)
     FROM tagged
 ),

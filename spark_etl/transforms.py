@@ -41,16 +41,34 @@ def weight_of(event_type: Column) -> Column:
     return expr
 
 
+def cluster_by_user(df: DataFrame) -> DataFrame:
+    """Hash-partition by ``user_id`` once, before the clean rules.
+
+    Every window below is partitioned by ``user_id`` plus something (the event id, whether the row is
+    kept, the session), and a hash partitioning on ``user_id`` alone satisfies all of them, so the
+    whole clean plan costs this one shuffle. Without it each window asks for its own exchange: five
+    shuffles of every raw column per day, the largest share of the job's time (docs/etl.md).
+    """
+    return df.repartition("user_id")
+
+
 def tag_raw(df: DataFrame, day: date, key_columns: tuple[str, ...]) -> DataFrame:
     """Tag each raw row: null key, event time outside ``day``, or a duplicate event_id (the copy received
-    first is kept; ties broken by shard and sequence number so a rerun keeps the same copy)."""
+    first is kept; ties broken by shard and sequence number so a rerun keeps the same copy).
+
+    A duplicate is a copy of the same user's event: the copies of a resent record carry the same
+    ``user_id``, and grouping by it lets dedup share the user clustering of the other rules
+    (:func:`cluster_by_user`). Two different users' events with one id (a client bug) are both kept."""
     start, end = day_bounds(day)
     null_key = F.lit(False)
     for col in key_columns:
         null_key = null_key | F.col(col).isNull()
     in_play = F.col(DROP).isNull()
-    # Rank copies among the rows still in play only, so a null-key row never shadows a good one.
-    first_copy = Window.partitionBy("event_id", in_play).orderBy("received_at", "shard_id", "sequence_number")
+    # Rank copies among the rows still in play only (_drop null), so a null-key row never shadows a
+    # good one. Windows partition by the _drop column itself, not by an expression of it: Spark
+    # materialises each expression as a new hidden column, which defeats the reuse of sort orders.
+    first_copy = (Window.partitionBy("user_id", "event_id", DROP)
+                  .orderBy("received_at", "shard_id", "sequence_number"))
     reason = (
         F.when(null_key, F.lit("null_key"))
         .when((F.col("ts") < F.lit(start)) | (F.col("ts") >= F.lit(end)), F.lit("other_day"))
@@ -69,7 +87,8 @@ def sessionize(df: DataFrame, gap_minutes: int) -> DataFrame:
     between a user's consecutive events starts a new session. Ids are ``<user_id>:<first event ms>``,
     so a rerun gives the same ids. Dropped rows get nulls and take no part."""
     kept = F.col(DROP).isNull()
-    by_user = Window.partitionBy("user_id", kept).orderBy("ts", "event_id")
+    # Kept rows (_drop null) form one partition per user; see tag_raw on why _drop and not ``kept``.
+    by_user = Window.partitionBy("user_id", DROP).orderBy("ts", "event_id")
     running = by_user.rowsBetween(Window.unboundedPreceding, Window.currentRow)
     gap_ms = gap_minutes * 60_000
     prev = F.lag("_ts_ms").over(by_user)
@@ -93,16 +112,19 @@ def flag_bots(df: DataFrame, *, min_session_events: int, max_events_per_minute: 
     """
     kept = F.col(DROP).isNull()
     session = Window.partitionBy("user_id", "session_id")
-    user = Window.partitionBy("user_id", kept)
+    user = Window.partitionBy("user_id", DROP)
     n = F.count(F.lit(1)).over(session)
     minutes = F.greatest(
         (F.unix_millis(F.max("ts").over(session)) - F.unix_millis(F.min("ts").over(session))) / 60_000.0,
         F.lit(1.0))
     bot_session = (n >= min_session_events) & (n / minutes > max_events_per_minute)
-    bot_user = F.count(F.lit(1)).over(user) > max_user_events_per_day
-    return df.withColumn(DROP, F.when(~kept, F.col(DROP))
-                         .when(bot_user, F.lit("bot_user"))
-                         .when(bot_session, F.lit("bot_session")))
+    # The user count comes first: its window's order (user_id, kept) is a prefix of sessionize's, so
+    # after sessionize it needs no sort of its own; the session window needs one.
+    return (df.withColumn("_user_n", F.count(F.lit(1)).over(user))
+            .withColumn(DROP, F.when(~kept, F.col(DROP))
+                        .when(F.col("_user_n") > max_user_events_per_day, F.lit("bot_user"))
+                        .when(bot_session, F.lit("bot_session")))
+            .drop("_user_n"))
 
 
 def clean_rows(df: DataFrame) -> DataFrame:

@@ -54,7 +54,10 @@ def run(ctx: JobContext) -> RunSummary:
     def body(summary: RunSummary) -> None:
         with summary.step("read") as step:
             raw = read_raw(ctx, summary).withColumnRenamed("session_id", "client_session_id")
-        tagged = transforms.tag_raw(raw, ctx.day, schemas.RAW_KEYS)
+        # Only what the clean table and the dedup tie-break use rides through the shuffle and the cache.
+        rules_in = raw.select(*[c for c in schemas.CLEAN.fieldNames() if c in raw.columns],
+                              "shard_id", "sequence_number")
+        tagged = transforms.tag_raw(transforms.cluster_by_user(rules_in), ctx.day, schemas.RAW_KEYS)
         sessions = transforms.sessionize(tagged, etl.session_gap_minutes)
         flagged = transforms.flag_bots(
             sessions, min_session_events=etl.bot_min_session_events,
