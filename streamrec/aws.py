@@ -14,11 +14,14 @@ from botocore.config import Config
 from streamrec.settings import AwsSettings
 
 
-def client(service: str, region: str, aws: AwsSettings | None = None, **config: Any) -> Any:
+def client(service: str, region: str, aws: AwsSettings | None = None, *, max_attempts: int | None = None,
+           **config: Any) -> Any:
+    """A boto3 client. ``max_attempts`` overrides ``aws.max_attempts`` where a caller has a deadline of
+    its own (the serving path gives up after milliseconds; retrying for seconds would only pile up)."""
     aws = aws or AwsSettings()
     cfg = Config(
         region_name=region,
-        retries={"mode": "adaptive", "max_attempts": aws.max_attempts},
+        retries={"mode": "adaptive", "max_attempts": max_attempts or aws.max_attempts},
         connect_timeout=5,
         read_timeout=config.pop("read_timeout", 30),
         max_pool_connections=config.pop("max_pool_connections", 20),

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamrec.lake import validate_lake_uri
@@ -250,6 +250,57 @@ class ScoreSettings(_Strict):
     cpus_per_actor: float = Field(0.5, gt=0, le=96)
 
 
+class ServeScaling(_Strict):
+    """One Ray Serve deployment's replicas (Serve autoscaling) and resources."""
+
+    min_replicas: int = Field(1, ge=0, le=1_000)
+    max_replicas: int = Field(2, ge=1, le=1_000)
+    # -- Serve adds replicas when a replica has more requests than this in flight on average.
+    target_ongoing_requests: float = Field(8, gt=0, le=10_000)
+    # -- Requests a replica accepts at once; more queue at the caller (back-pressure, not errors).
+    max_ongoing_requests: int = Field(64, ge=1, le=100_000)
+    num_cpus: float = Field(0.25, ge=0, le=96)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ServeScaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeSettings(_Strict):
+    """Online inference with Ray Serve (ray_apps/serve/)."""
+
+    # -- Where `streamrec serve run` listens (0.0.0.0 in a pod).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65_535)
+    # -- Whole-request budget; each step gets what is left of it, capped by its own timeout below.
+    deadline_ms: float = Field(50, gt=0, le=60_000)
+    cache_timeout_ms: float = Field(10, gt=0, le=60_000)
+    batch_timeout_ms: float = Field(20, gt=0, le=60_000)
+    realtime_timeout_ms: float = Field(35, gt=0, le=60_000)
+    # -- Answers cached in Redis under recs:{region}:{model_version}:{user_id} for this long.
+    cache_ttl_s: int = Field(3_600, ge=1, le=7 * 86_400)
+    # -- A cached answer older than this is still served, and recomputed in the background.
+    cache_refresh_after_s: int = Field(300, ge=0, le=7 * 86_400)
+    # -- Consecutive failures of a dependency (Redis, DynamoDB, the retriever) that open its circuit,
+    # and how long it stays open before one trial request.
+    breaker_failures: int = Field(5, ge=1, le=1_000)
+    breaker_reset_s: float = Field(5, gt=0, le=3_600)
+    # -- Recent clicks (from the consumer's Redis last-N) fed to the user tower on the real-time path.
+    recent_items: int = Field(50, ge=1, le=1_000)
+    # -- Regional popularity list kept in memory (the last resort) and how often it is reloaded.
+    popular_size: int = Field(200, ge=1, le=10_000)
+    popular_refresh_s: float = Field(60, gt=0, le=86_400)
+    # -- How often the retriever checks the registry's promoted pointer (model hot swap).
+    registry_poll_s: float = Field(10, gt=0, le=86_400)
+    # -- API keys accepted in the X-API-Key header; empty = no authentication (the local default). In a
+    # cluster they come from a Secret, e.g. STREAMREC_SERVE__API_KEYS='["key1","key2"]'.
+    api_keys: tuple[SecretStr, ...] = ()
+    ingress: ServeScaling = ServeScaling()
+    retriever: ServeScaling = ServeScaling(num_cpus=0.5, target_ongoing_requests=4)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by STREAMREC_CONFIG (or given explicitly); absent file = no values."""
 
@@ -295,6 +346,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
     score: ScoreSettings = ScoreSettings()
+    serve: ServeSettings = ServeSettings()
 
     @field_validator("regions")
     @classmethod

@@ -1,0 +1,1 @@
+"""Online inference: the Ray Serve recommendation API (see docs/serving.md)."""
