@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from streamrec.cli import demo, dev, etl, events, ingest, score, train
+from streamrec.cli import demo, dev, etl, events, ingest, score, serve, train
 from streamrec.cli.common import UserError, err_console
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.add_typer(ingest.app, name="ingest")
 app.add_typer(etl.app, name="etl")
 app.add_typer(train.app, name="train")
 app.add_typer(score.app, name="score")
+app.add_typer(serve.app, name="serve")
 app.command("demo")(demo.demo)
 
 

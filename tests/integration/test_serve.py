@@ -415,3 +415,17 @@ def test_hot_swap_under_load_drops_nothing(world: World) -> None:
     assert versions[0] == world.v1 and versions[-1] == world.v2
     switched = versions.index(world.v2)
     assert set(versions[switched:]) == {world.v2}  # once swapped, never back
+
+
+def test_cli_refuses_an_unconfigured_region_in_one_line(world: World) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from streamrec.cli import serve as serve_cli
+    from streamrec.cli.common import UserError
+
+    app = typer.Typer()  # registered the way streamrec.cli registers it: `streamrec serve run`
+    app.add_typer(serve_cli.app, name="serve")
+    result = CliRunner().invoke(app, ["serve", "run", "--region", "us-west-2", "--config", str(world.config)])
+    assert isinstance(result.exception, UserError), result.output
+    assert "--region us-west-2: not configured" in str(result.exception) and "\n" not in str(result.exception)
