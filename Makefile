@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 EXTRAS := spark,ray,operators,dev,bench
 PYTEST_ARGS ?=
 
-.PHONY: help demo test deps system-deps bench-ingest bench-etl clean
+.PHONY: help demo test deps system-deps bench-ingest bench-etl bench-quality bench-train bench-score bench-serve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -29,6 +29,19 @@ bench-ingest: deps  ## consumer throughput against the decode-only baseline
 
 bench-etl: deps  ## Spark ETL throughput against DuckDB on the same raw Parquet
 	$(PY) -m benchmarks.etl
+
+MOVIELENS ?= ../shared/datasets/movielens-100k
+bench-quality: deps  ## two-tower vs most-popular vs ALS quality (with MovieLens when MOVIELENS/u.data exists)
+	$(PY) -m benchmarks.quality $(if $(wildcard $(MOVIELENS)/u.data),--movielens $(MOVIELENS))
+
+bench-train: deps  ## Ray Train samples/s against a plain PyTorch loop
+	$(PY) -m benchmarks.train
+
+bench-score: deps  ## Ray Data scoring users/s against raw index search
+	$(PY) -m benchmarks.score
+
+bench-serve: deps  ## Ray Serve latency and throughput against a plain FastAPI + Redis GET app
+	$(PY) -m benchmarks.serve
 
 deps: system-deps $(STAMP)  ## install system packages and the Python environment
 
