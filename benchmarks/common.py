@@ -3,10 +3,15 @@ appended to ``benchmarks/results/<name>.jsonl``, always with the baseline measur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,3 +51,29 @@ def emit(benchmark: str, metric: str, value: float, unit: str, baseline_metric: 
     with (RESULTS / f"{benchmark}.jsonl").open("a") as fh:
         fh.write(json.dumps(line) + "\n")
     return line
+
+
+@contextlib.contextmanager
+def ray_cluster(settings: Any, num_cpus: int, prefix: str = "srb-") -> Iterator[float]:
+    """A local Ray with ``num_cpus`` logical CPUs in its own short temp dir (Ray's socket paths are
+    limited), set up as ``ray_apps.runtime`` would (so ``ensure_ray`` reuses it); yields its start
+    seconds and shuts it down after."""
+    import ray
+
+    from ray_apps.runtime import ensure_ray, local_ray_options
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    options = local_ray_options(settings)
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    options.update(num_cpus=num_cpus, _temp_dir=temp)
+    t0 = time.perf_counter()
+    ray.init(**options)
+    started = time.perf_counter() - t0
+    try:
+        assert ensure_ray(settings) is ray  # the code under test joins this session
+        yield started
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
