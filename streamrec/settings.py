@@ -268,6 +268,13 @@ class ServeScaling(_Strict):
         return self
 
 
+class RetrieverScaling(ServeScaling):
+    """The retriever's replicas hold a model and an index: heavier, fewer requests in flight each."""
+
+    target_ongoing_requests: float = Field(4, gt=0, le=10_000)
+    num_cpus: float = Field(0.5, ge=0, le=96)
+
+
 class ServeSettings(_Strict):
     """Online inference with Ray Serve (ray_apps/serve/)."""
 
@@ -298,7 +305,7 @@ class ServeSettings(_Strict):
     # cluster they come from a Secret, e.g. STREAMREC_SERVE__API_KEYS='["key1","key2"]'.
     api_keys: tuple[SecretStr, ...] = ()
     ingress: ServeScaling = ServeScaling()
-    retriever: ServeScaling = ServeScaling(num_cpus=0.5, target_ongoing_requests=4)
+    retriever: RetrieverScaling = RetrieverScaling()
 
 
 class _YamlSource(PydanticBaseSettingsSource):

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def cache_key(region: str, model_version: str | None, user_id: str) -> str:
@@ -19,7 +19,9 @@ def cache_key(region: str, model_version: str | None, user_id: str) -> str:
 @dataclass(frozen=True)
 class Answer:
     """Ranked items and where they came from. ``clicks_ms`` is the newest click the answer took into
-    account (0 = none): a later click makes a cached answer out of date."""
+    account (0 = none): a later click makes a cached answer out of date. ``cached_at`` is when it was
+    written to the cache (what staleness is measured from: a batch answer's ``generated_at`` is the
+    daily batch's time, hours old by design)."""
 
     item_ids: tuple[str, ...]
     scores: tuple[float, ...]
@@ -27,16 +29,18 @@ class Answer:
     model_version: str | None
     generated_at: datetime
     clicks_ms: int = 0
+    cached_at: datetime | None = None
 
     def top(self, k: int, exclude: Iterable[str] = ()) -> Answer:
         ids, scores = top_k(self.item_ids, self.scores, k, exclude)
-        return Answer(ids, scores, self.source, self.model_version, self.generated_at, self.clicks_ms)
+        return Answer(ids, scores, self.source, self.model_version, self.generated_at, self.clicks_ms,
+                      self.cached_at)
 
     def encode(self) -> bytes:
         return json.dumps({
             "f": CACHE_FORMAT, "i": list(self.item_ids), "s": [round(s, 6) for s in self.scores],
             "src": self.source, "v": self.model_version, "g": self.generated_at.isoformat(),
-            "c": self.clicks_ms,
+            "c": self.clicks_ms, "a": self.cached_at.isoformat() if self.cached_at else None,
         }, separators=(",", ":")).encode()
 
     @staticmethod
@@ -47,7 +51,8 @@ class Answer:
             if not isinstance(d, dict) or d.get("f") != CACHE_FORMAT or len(d["i"]) != len(d["s"]):
                 return None
             return Answer(tuple(map(str, d["i"])), tuple(map(float, d["s"])), str(d["src"]), d["v"],
-                          datetime.fromisoformat(d["g"]), int(d["c"]))
+                          datetime.fromisoformat(d["g"]), int(d["c"]),
+                          datetime.fromisoformat(d["a"]) if d.get("a") else None)
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -87,7 +92,8 @@ def cache_usable(cached: Answer | None, recent: Sequence[tuple[str, int]], k: in
 
 
 def needs_refresh(cached: Answer, now: datetime, refresh_after_s: float) -> bool:
-    return (now - cached.generated_at).total_seconds() > refresh_after_s
+    """Has the entry sat in the cache longer than ``refresh_after_s`` (stale-while-revalidate)?"""
+    return (now - (cached.cached_at or cached.generated_at)).total_seconds() > refresh_after_s
 
 
 def clicked_since(recent: Sequence[tuple[str, int]], moment: datetime) -> bool:

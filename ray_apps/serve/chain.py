@@ -18,6 +18,7 @@ from batch recommendations is not, so the next request tries again). Answers are
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -151,8 +152,9 @@ class Recommender:
             if realtime is not None:
                 ids, scores, version = realtime
                 answer = Answer(tuple(ids), tuple(scores), "realtime", version, self.now(), clicks)
-                await self._store(key, answer)
-                return answer, True
+                if complete:  # a failed batch read must not be papered over for a whole TTL
+                    await self._store(key, answer)
+                return answer, complete
             complete = False
         if stored is not None:
             answer = Answer(stored.item_ids, stored.scores, "batch", stored.model_version,
@@ -177,7 +179,8 @@ class Recommender:
         """Write the answer to the cache off the request path (the response does not wait for it)."""
         if self.cache is None or not self.breakers["cache"].allow():
             return
-        task = asyncio.ensure_future(self._store_now(key, answer))
+        stamped = dataclasses.replace(answer, cached_at=self.now())
+        task = asyncio.ensure_future(self._store_now(key, stamped))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -218,8 +221,7 @@ class Recommender:
 
 
 def _as_cached(answer: Answer) -> Answer:
-    return Answer(answer.item_ids, answer.scores, "cache", answer.model_version, answer.generated_at,
-                  answer.clicks_ms)
+    return dataclasses.replace(answer, source="cache")
 
 
 def _miss_kind(cached: Answer | None, recent: Sequence[tuple[str, int]], cache_ok: bool) -> str:

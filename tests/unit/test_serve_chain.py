@@ -181,3 +181,33 @@ def test_no_model_version_skips_batch_and_answers_popular() -> None:
     answer = run(r.recommend("u", 3, False, None))
     assert (answer.source, answer.item_ids, answer.model_version) == ("popular", ("p1", "p2", "p3"), None)
     assert batch.calls == 0
+
+
+def test_staleness_counts_from_caching_not_from_the_batch_time() -> None:
+    cache = Cache()
+    batch = Batch(recs={("u", "v1"): stored("u", "a b", at=NOW - timedelta(hours=6))})
+    r = make(cache, batch)
+
+    async def go() -> None:
+        await r.recommend("u", 2, True, "v1")
+        await asyncio.sleep(0.01)
+        assert (await r.recommend("u", 2, True, "v1")).source == "cache"
+        await asyncio.sleep(0.01)
+
+    run(go())
+    assert batch.calls == 1  # a 6-hour-old batch answer cached just now is fresh: no background refresh
+    hits = r.metrics.registry.get_sample_value("streamrec_serve_cache_lookups_total", {"result": "hit"})
+    assert hits == 1
+
+
+def test_a_realtime_answer_is_not_cached_when_the_batch_read_failed() -> None:
+    cache = Cache(clicks={"u": [("x", MS - 10)]})
+    r = make(cache, Batch(delay=0.2), Retrieval())
+
+    async def go() -> Answer:
+        answer = await r.recommend("u", 2, True, "v1")
+        await asyncio.sleep(0.01)
+        return answer
+
+    assert run(go()).source == "realtime"
+    assert cache.entries == {}
