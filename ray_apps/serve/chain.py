@@ -3,7 +3,9 @@
 
 Every step runs under ``min(its own timeout, what is left of the request's deadline)`` and behind its
 dependency's circuit breaker; a step that times out, fails or is switched off by its breaker is
-skipped and counted in ``streamrec_serve_fallbacks_total``, and the next step answers. The popularity
+skipped and counted in ``streamrec_serve_fallbacks_total``, and the next step answers. The breaker
+hears the call's own outcome, not the request's impatience: a call the request stopped waiting for
+runs on, and only an error or an answer slower than :data:`SLOW_CALL_S` counts against the dependency. The popularity
 list lives in memory, so the last step cannot fail: no dependency outage turns into a 5xx.
 
 Cache rules (see :mod:`ray_apps.serve.answers`): the key carries the model version; an entry records
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CACHE_DEPTH = 100
 _FAILED: Any = object()  # what _step returns for a skipped step (None is a valid "not found")
+# A call that answers later than this is as good as failed for its circuit breaker (see Recommender._settle).
+SLOW_CALL_S = 0.25
 
 
 class OnlineCache(Protocol):
@@ -205,11 +209,17 @@ class Recommender:
         if not breaker.allow():
             self.metrics.fallbacks.labels(name, "circuit_open").inc()
             return _FAILED
+        started = asyncio.get_running_loop().time()
+        task = asyncio.ensure_future(call())
         try:
-            result = await asyncio.wait_for(call(), remaining)
+            # shield: this request stops waiting at its budget, the call itself runs on
+            result = await asyncio.wait_for(asyncio.shield(task), remaining)
         except asyncio.TimeoutError:
-            breaker.failure()
+            # Skipped for this request. Whether the DEPENDENCY is unhealthy is decided by the call's own
+            # outcome: a replica whose event loop is busy misses a 10 ms budget with a healthy Redis,
+            # and opening the breaker for that would send every request to the fallbacks.
             self.metrics.fallbacks.labels(name, "timeout").inc()
+            task.add_done_callback(lambda t: self._settle(name, t, started))
             return _FAILED
         except Exception as exc:
             breaker.failure()
@@ -218,6 +228,17 @@ class Recommender:
             return _FAILED
         breaker.success()
         return result
+
+    def _settle(self, name: str, task: asyncio.Future[Any], started: float) -> None:
+        """The late outcome of a call a request stopped waiting for: an error, or an answer slower than
+        :data:`SLOW_CALL_S`, counts against the dependency; an answer that was merely late does not."""
+        breaker = self.breakers[name]
+        if task.cancelled() or task.exception() is not None:
+            breaker.failure()
+        elif asyncio.get_running_loop().time() - started > SLOW_CALL_S:
+            breaker.failure()
+        else:
+            breaker.success()
 
 
 def _as_cached(answer: Answer) -> Answer:

@@ -211,3 +211,22 @@ def test_a_realtime_answer_is_not_cached_when_the_batch_read_failed() -> None:
 
     assert run(go()).source == "realtime"
     assert cache.entries == {}
+
+
+def test_a_late_but_healthy_dependency_does_not_open_its_breaker() -> None:
+    cache = Cache(delay=0.08)  # later than the 50 ms budget, well under SLOW_CALL_S
+    batch = Batch(recs={("u", "v1"): stored("u", "a b")})
+    r = make(cache, batch)
+
+    async def go() -> list[str]:
+        sources = []
+        for _ in range(4):
+            sources.append((await r.recommend("u", 2, True, "v1")).source)
+            await asyncio.sleep(0.1)  # the abandoned calls finish and report their outcome
+        return sources
+
+    assert run(go()) == ["batch"] * 4
+    assert r.breakers["cache"].state.value == "closed"
+    timeouts = r.metrics.registry.get_sample_value("streamrec_serve_fallbacks_total",
+                                                   {"step": "cache", "reason": "timeout"})
+    assert timeouts == 4
