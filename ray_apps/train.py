@@ -12,8 +12,10 @@ Training (:func:`train`, :func:`train_loop_per_worker`):
 - Data. ``ray.data.read_parquet`` streams the train split's files (sorted, so every run reads the same
   blocks) through ``random_shuffle(seed)``: the ETL writes examples clustered by user and time, and an
   in-batch softmax fed one user's clicks in a row would learn from negatives that are nothing alike. The
-  shuffle is the same permutation each epoch (an integer seed is "fully deterministic" in Ray Data); each
-  epoch then varies the batch composition with a local shuffle buffer seeded by (seed, epoch, rank).
+  shuffle is the same permutation each epoch (an integer seed is "fully deterministic" in Ray Data), so
+  a split of at most ``train.materialize_max_bytes`` is read and shuffled once and held in the object
+  store; each epoch then varies the batch composition with a local shuffle buffer seeded by
+  (seed, epoch, rank).
   Ray Train splits the stream across workers (``streaming_split(equal=True)``); ``preserve_order`` makes
   that split deterministic too. Rows are encoded per batch with :func:`ray_apps.encoding.encode_examples`.
 - Log-Q. Item counts over HASHED ids (``encoding.item_counts``) are computed once on the driver in a
@@ -638,6 +640,10 @@ def train(
                                      file_extensions=["parquet"])
                .select_columns(columns)
                .random_shuffle(seed=ts.seed))
+    if sum(info.size for info in files) <= ts.materialize_max_bytes:
+        # The permutation is the same every epoch; re-reading and re-shuffling it was the largest share
+        # of a small split's epoch (docs/benchmarks.md, train). Held once, the order is unchanged.
+        dataset = dataset.materialize()
     # The context's ingest options (what DataConfig would use) plus preserve_order: a deterministic split
     # across workers (see the module docstring).
     ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)

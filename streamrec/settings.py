@@ -219,6 +219,9 @@ class TrainSettings(_Strict):
     model: dict[str, Any] = Field(default_factory=dict)
     # -- Ray's object store for a local ray.init() (bytes); 0 lets Ray decide.
     object_store_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    # -- The shuffled train split is held in the object store (read and shuffled once, not every epoch)
+    # when its Parquet files total at most this many bytes (in memory it is a few times larger); 0 never.
+    materialize_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
 
 class GateSettings(_Strict):
