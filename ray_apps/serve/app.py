@@ -183,11 +183,15 @@ class Ingress:
             await asyncio.sleep(VERSION_POLL_S)
             await self._poll_version_once()
 
-    def _authorised(self, request: Request) -> bool:
+    def _refusal(self, request: Request, route: str, started: float) -> JSONResponse | None:
+        """A 401 when API keys are configured and the request carries none of them, else None."""
         if not self.api_keys:
-            return True
+            return None
         given = request.headers.get(API_KEY_HEADER, "").encode()
-        return any(hmac.compare_digest(given, key) for key in self.api_keys)
+        if any(hmac.compare_digest(given, key) for key in self.api_keys):
+            return None
+        self._observe(route, "-", 401, started)
+        return JSONResponse(status_code=401, content={"detail": f"missing or wrong {API_KEY_HEADER}"})
 
     def _observe(self, route: str, source: str, status: int, started: float) -> None:
         self.metrics.requests.labels(route, source, str(status)).inc()
@@ -204,9 +208,8 @@ class Ingress:
         exclude_seen: Annotated[bool, Query(description="leave out the items of the user's recent clicks")] = True,
     ) -> Any:
         started = time.perf_counter()
-        if not self._authorised(request):
-            self._observe("user", "-", 401, started)
-            return JSONResponse(status_code=401, content={"detail": f"missing or wrong {API_KEY_HEADER}"})
+        if (refused := self._refusal(request, "user", started)) is not None:
+            return refused
         await self._ensure_version_poll()
         answer = await self.recommender.recommend(user_id, k, exclude_seen, self.model_version)
         self._observe("user", answer.source, 200, started)
@@ -215,9 +218,8 @@ class Ingress:
     @api.post("/v1/recommendations:batch", response_model=BatchResponse, responses={**_UNAUTHORISED, **_INVALID})
     async def batch_recommendations(self, request: Request, body: BatchRequest) -> Any:
         started = time.perf_counter()
-        if not self._authorised(request):
-            self._observe("batch", "-", 401, started)
-            return JSONResponse(status_code=401, content={"detail": f"missing or wrong {API_KEY_HEADER}"})
+        if (refused := self._refusal(request, "batch", started)) is not None:
+            return refused
         await self._ensure_version_poll()
         answers = await asyncio.gather(*[
             self.recommender.recommend(u, body.k, body.exclude_seen, self.model_version) for u in body.user_ids])
@@ -234,9 +236,8 @@ class Ingress:
         k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
     ) -> Any:
         started = time.perf_counter()
-        if not self._authorised(request):
-            self._observe("similar", "-", 401, started)
-            return JSONResponse(status_code=401, content={"detail": f"missing or wrong {API_KEY_HEADER}"})
+        if (refused := self._refusal(request, "similar", started)) is not None:
+            return refused
         try:
             got = await asyncio.wait_for(self.retriever.similar.remote(item_id, k),
                                          self.settings.serve.realtime_timeout_ms / 1000 * 4)

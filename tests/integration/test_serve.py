@@ -51,6 +51,8 @@ CONFIG = TwoTowerConfig(
     output_dim=32, history_length=20, temperature=0.1, dropout=0.0, seed=5,
 )
 ITEMS = [f"item-{c:03d}-{i:02d}" for c in range(CLUSTERS) for i in range(PER_CLUSTER)]
+API_KEY = "test-key-" + uuid.uuid4().hex
+KEY = {"X-API-Key": API_KEY}  # the /v1 routes need it: the module's settings configure one key
 
 
 def cluster(item: str) -> int:
@@ -155,7 +157,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, moto_server: ServiceHandle) 
         # must not turn a slow moto read into a fallback (latency is benchmarks/serve.py's business).
         "serve": {"port": port, "registry_poll_s": 0.5, "popular_refresh_s": 1, "breaker_reset_s": 1,
                   "deadline_ms": 3000, "cache_timeout_ms": 1000, "batch_timeout_ms": 1000,
-                  "realtime_timeout_ms": 1500,
+                  "realtime_timeout_ms": 1500, "api_keys": ["another-key", API_KEY],
                   "ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0},
                   "retriever": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0}},
     }
@@ -211,7 +213,7 @@ def wait_ready(w: World, timeout: float = 60) -> dict[str, Any]:
 
 
 def get(w: World, user: str, **params: Any) -> httpx.Response:
-    return httpx.get(f"{w.url}/v1/users/{user}/recommendations", params=params, timeout=10)
+    return httpx.get(f"{w.url}/v1/users/{user}/recommendations", params=params, timeout=10, headers=KEY)
 
 
 def recs(w: World, user: str, **params: Any) -> dict[str, Any]:
@@ -282,7 +284,7 @@ def test_freshness_through_kinesis_and_the_consumer(world: World, tmp_path: Path
 def test_batch_endpoint(world: World) -> None:
     world.put_recs("u-b1", ITEMS[60:90])
     r = httpx.post(f"{world.url}/v1/recommendations:batch",
-                   json={"user_ids": ["u-b1", "nobody-2"], "k": 3}, timeout=10)
+                   json={"user_ids": ["u-b1", "nobody-2"], "k": 3}, timeout=10, headers=KEY)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["user_id"] for x in results] == ["u-b1", "nobody-2"]
@@ -291,13 +293,25 @@ def test_batch_endpoint(world: World) -> None:
 
 
 def test_similar_items(world: World) -> None:
-    r = httpx.get(f"{world.url}/v1/items/item-003-01/similar", params={"k": 10}, timeout=10)
+    r = httpx.get(f"{world.url}/v1/items/item-003-01/similar", params={"k": 10}, timeout=10, headers=KEY)
     assert r.status_code == 200, r.text
     got = items(r.json())
     assert len(got) == 10 and "item-003-01" not in got
     assert sum(cluster(i) == 3 for i in got) >= 7, got
-    missing = httpx.get(f"{world.url}/v1/items/no-such-item/similar", timeout=10)
+    missing = httpx.get(f"{world.url}/v1/items/no-such-item/similar", timeout=10, headers=KEY)
     assert missing.status_code == 404 and "no-such-item" in missing.json()["detail"]
+
+
+def test_the_v1_routes_need_a_configured_api_key(world: World) -> None:
+    for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+        for method, path in (("GET", "/v1/users/u1/recommendations"), ("GET", "/v1/items/item-000-01/similar"),
+                             ("POST", "/v1/recommendations:batch")):
+            r = httpx.request(method, f"{world.url}{path}", headers=headers, timeout=10,
+                              json={"user_ids": ["u1"]} if method == "POST" else None)
+            assert r.status_code == 401 and "X-API-Key" in r.json()["detail"], (method, path, r.text)
+    assert httpx.get(f"{world.url}/v1/users/u1/recommendations", headers={"X-API-Key": "another-key"},
+                     timeout=10).status_code == 200
+    assert httpx.get(f"{world.url}/healthz").status_code == 200  # probes need no key
 
 
 BAD_REQUESTS = {
@@ -325,7 +339,7 @@ BAD_REQUESTS = {
 def test_bad_requests_get_4xx_with_a_message(world: World, case: str) -> None:
     method, path, body, status, mentions = BAD_REQUESTS[case]
     r = httpx.request(method, f"{world.url}{path}", content=body, timeout=10,
-                      headers={"content-type": "application/json"} if body is not None else {})
+                      headers={**KEY, **({"content-type": "application/json"} if body is not None else {})})
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
     assert isinstance(detail, str) and mentions in detail, detail
@@ -381,7 +395,7 @@ def test_hot_swap_under_load_drops_nothing(world: World) -> None:
     async def load(stop: asyncio.Event) -> tuple[list[int], list[str]]:
         statuses: list[int] = []
         versions: list[str] = []
-        async with httpx.AsyncClient(base_url=world.url, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=world.url, timeout=10, headers=KEY) as client:
             async def one_client(n: int) -> None:
                 i = 0
                 while not stop.is_set():
@@ -455,7 +469,7 @@ def test_fuzzed_requests_never_get_a_5xx(world: World) -> None:
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def check(case: Any) -> None:
-                response = case.call(base_url=world.url, timeout=10)
+                response = case.call(base_url=world.url, timeout=10, headers=KEY)
                 allowed = (503,) if case.path == "/readyz" else ()
                 if response.status_code >= 500 and response.status_code not in allowed:
                     failures.append(f"{case.method} {case.formatted_path} {case.query} {case.body!r}: "
