@@ -186,3 +186,15 @@ def spark() -> Iterator[Any]:
     session = local_session(SparkSettings(shuffle_partitions=2), app_name="streamrec-tests")
     yield session
     session.stop()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Single-threaded torch for the test (``pytest.mark.usefixtures("one_torch_thread")``): on a busy
+    2-core box two OpenMP threads can run much slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

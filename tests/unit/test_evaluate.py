@@ -4,7 +4,6 @@ scoring and the promotion gate."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +32,7 @@ from ray_apps.evaluate import (
 from ray_apps.model import TwoTowerConfig, TwoTowerModel, as_tensors
 from streamrec.settings import GateSettings
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = TwoTowerConfig(
     id_buckets=512, category_buckets=32, pop_buckets=8, region_buckets=8, device_buckets=8,
@@ -42,14 +41,6 @@ TINY = TwoTowerConfig(
 )
 DAY = datetime(2024, 5, 10, tzinfo=UTC)  # the eval (cutoff) day
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Single-threaded torch: on a busy 2-core box two OpenMP threads can run much slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _at(day_offset: int, minute: int = 0) -> datetime:
