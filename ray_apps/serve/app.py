@@ -260,8 +260,10 @@ class Ingress:
 
     @api.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def readyz(self) -> Any:
-        await self._ensure_version_poll()
-        await self._poll_version_once()
+        if self._version_task is None:
+            await self._ensure_version_poll()  # polls once and starts the loop
+        else:
+            await self._poll_version_once()  # readiness reports the retriever's state now
         checks: dict[str, str] = {}
         checks["model"] = f"ok ({self.model_version})" if self.model_version else \
             f"no model loaded: {self._retriever_error or 'none promoted'}"

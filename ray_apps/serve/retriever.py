@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +35,6 @@ class LoadedVersion:
     index: AnnIndex
     positions: dict[str, int]
     embeddings: np.ndarray
-    loaded_at: float
 
 
 def load_version(registry: ModelRegistry, version: str) -> LoadedVersion:
@@ -46,8 +44,7 @@ def load_version(registry: ModelRegistry, version: str) -> LoadedVersion:
     model, index = load_scoring_model(registry, version, device="cpu")
     ids, vectors = embeddings_matrix(registry.load_item_embeddings(version))
     positions = {item: i for i, item in enumerate(ids.tolist())}
-    return LoadedVersion(version, model, index, positions, np.ascontiguousarray(vectors, dtype=np.float32),
-                         time.time())
+    return LoadedVersion(version, model, index, positions, np.ascontiguousarray(vectors, dtype=np.float32))
 
 
 class Retriever:
@@ -97,9 +94,7 @@ class Retriever:
         encoded = encode_users([list(history)], self.region, None, hour, None, config=model.config)
         with torch.inference_mode():
             vector = model.user_embeddings(as_tensors(encoded, "cpu")).float().numpy()
-        ids, scores = active.index.search(vector, k, exclude=[list(exclude)])
-        keep = ids[0] != ""
-        return ids[0][keep].tolist(), scores[0][keep].astype(float).tolist(), active.version
+        return _first_row(*active.index.search(vector, k, exclude=[list(exclude)]), active.version)
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float], str]:
         """The ``k`` items nearest to ``item_id`` in the item-embedding space (itself left out).
@@ -108,6 +103,11 @@ class Retriever:
         row = active.positions.get(item_id)
         if row is None:
             raise KeyError(item_id)
-        ids, scores = active.index.search(active.embeddings[row: row + 1], k, exclude=[[item_id]])
-        keep = ids[0] != ""
-        return ids[0][keep].tolist(), scores[0][keep].astype(float).tolist(), active.version
+        return _first_row(*active.index.search(active.embeddings[row: row + 1], k, exclude=[[item_id]]),
+                          active.version)
+
+
+def _first_row(ids: np.ndarray, scores: np.ndarray, version: str) -> tuple[list[str], list[float], str]:
+    """A one-query search result as plain lists, without the padding of a catalogue shorter than k."""
+    keep = ids[0] != ""
+    return ids[0][keep].tolist(), scores[0][keep].astype(float).tolist(), version

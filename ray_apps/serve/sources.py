@@ -42,9 +42,6 @@ class RedisOnline:
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
-    async def close(self) -> None:
-        await self.client.aclose()
-
 
 class DynamoBatchStore:
     """Batch recommendations by (user, model version) from the region's recs table. boto3 is blocking,
