@@ -311,6 +311,69 @@ class ServeSettings(_Strict):
     retriever: RetrieverScaling = RetrieverScaling()
 
 
+class SyncSettings(_Strict):
+    """The sync step (operators/sync/): batch outputs → DynamoDB online store and the warehouse."""
+
+    # -- Overall DynamoDB write rate (items/s) per region, sized to the table's capacity (on-demand
+    # tables: stay under the account's per-table throughput limit); 0 = unlimited.
+    dynamodb_items_per_s: float = Field(2_000, ge=0)
+    # -- Parallel BatchWriteItem callers (each sends 25 items per call, the DynamoDB limit).
+    dynamodb_workers: int = Field(4, ge=1, le=256)
+    # -- Jittered exponential backoff for UnprocessedItems and throttling: base, cap, and how many
+    # rounds without progress before the sync fails (the run then retries the stage).
+    backoff_base_s: float = Field(0.05, gt=0, le=60)
+    backoff_max_s: float = Field(5.0, gt=0, le=600)
+    max_stalled_rounds: int = Field(12, ge=1, le=1_000)
+    # -- A model version's recs items expire this many days after they were generated (DynamoDB TTL on
+    # the expires_at attribute), so superseded versions clean themselves up.
+    recs_ttl_days: int = Field(7, ge=1, le=365)
+    # -- Most active users whose answers are written to the Redis cache under the new version's keys
+    # before the promoted pointer flips (so the first requests after promotion are cache hits).
+    prewarm_users: int = Field(1_000, ge=0, le=10_000_000)
+
+
+class RayJobTemplate(_Strict):
+    """What the controller puts into the KubeRay RayJobs it creates for training and scoring."""
+
+    image: str = "streamrec/ray:0.1.0"
+    service_account: str = "streamrec-ray"
+    # -- The streamrec.yaml ConfigMap mounted into every Ray pod at /etc/streamrec.
+    config_map: str = "streamrec-config"
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    # -- Workers run on the memory-optimised R5 node group (labels and taint set in k8s/).
+    worker_replicas: int = Field(2, ge=1, le=1_000)
+    worker_cpu: str = "7"
+    worker_memory: str = "56Gi"
+    worker_gpus: int = Field(0, ge=0, le=8)
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"streamrec.io/node-group": "r5"})
+    tolerations: tuple[dict[str, str], ...] = (
+        {"key": "streamrec.io/memory-optimized", "operator": "Exists", "effect": "NoSchedule"},)
+    # -- Size of the memory-backed /dev/shm (Ray's object store lives there).
+    shm_size: str = "16Gi"
+    # -- A finished RayJob's cluster is deleted this long after it ends (the RayJob object stays).
+    ttl_seconds_after_finished: int = Field(600, ge=0)
+    active_deadline_seconds: int = Field(6 * 3_600, ge=60)
+
+
+class PipelineSettings(_Strict):
+    """The daily PipelineRun (operators/): stage backends, retries, and the child templates."""
+
+    # -- Namespace where the controller creates RayJobs and SparkApplications.
+    namespace: str = "streamrec"
+    # -- The ETL runs as an EMR on EKS job run (emr) or a Spark operator SparkApplication.
+    etl_backend: Literal["emr", "spark-operator"] = "emr"
+    # -- Attempts per stage (the first run included) before the PipelineRun fails, and the first retry
+    # delay (doubled per attempt).
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_delay_s: float = Field(60, ge=0, le=86_400)
+    # -- How often a running child (EMR job run, RayJob, SparkApplication) is polled.
+    poll_interval_s: float = Field(30, gt=0, le=3_600)
+    rayjob: RayJobTemplate = RayJobTemplate()
+    spark_image: str = "streamrec/spark:0.1.0"
+    spark_service_account: str = "streamrec-spark"
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by STREAMREC_CONFIG (or given explicitly); absent file = no values."""
 
@@ -357,6 +420,8 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     score: ScoreSettings = ScoreSettings()
     serve: ServeSettings = ServeSettings()
+    sync: SyncSettings = SyncSettings()
+    pipeline: PipelineSettings = PipelineSettings()
 
     @field_validator("regions")
     @classmethod
