@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -41,4 +42,8 @@ def ensure_ray(settings: Settings) -> Any:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
         ray.init(**local_ray_options(settings))
+        # A local run reports its own progress; Ray Data's per-dataset INFO lines would bury it. (In a
+        # cluster they go to the job's logs, where they belong.)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
     return ray

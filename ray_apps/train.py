@@ -724,9 +724,12 @@ def train(
 
 
 def run(settings: Settings, region: str, day: date, *, run_name: str | None = None,
-        warm_start: LoadedModel | None | str = _AUTO) -> TrainOutcome:
+        warm_start: LoadedModel | None | str = _AUTO, promote: bool = True) -> TrainOutcome:
     """Train, embed the catalogue, build the ANN index, evaluate against the popularity baseline and
-    the promoted model on the same holdout, gate, publish, and promote when the gate passes."""
+    the promoted model on the same holdout, gate, publish, and promote when the gate passes.
+
+    ``promote=False`` records the gate's decision but leaves the pointer alone: the daily pipeline
+    promotes only after the version's recommendations are synced (operators/promote.py)."""
     from ray_apps import evaluate as ev
     from ray_apps.ann import build_index
     from ray_apps.registry import ModelRegistry, embeddings_table
@@ -782,7 +785,7 @@ def run(settings: Settings, region: str, day: date, *, run_name: str | None = No
         gate=decision.to_json(),
     )
     promoted_now = False
-    if decision.promote:
+    if decision.promote and promote:
         registry.promote(version.version, decision.to_json())
         promoted_now = True
     logger.info("published %s (%s): %s", version.version, "promoted" if promoted_now else "not promoted",

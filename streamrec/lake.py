@@ -8,6 +8,8 @@ Athena/Redshift Spectrum all read them without configuration::
     {root}/clean/region=.../dt=.../            features/region=.../dt=.../{table}/
     {root}/keys/region=.../dt=.../{popular,items,users}/   (key data points for the online store)
     {root}/models/region=.../{version}/        recs/region=.../dt=.../
+    {root}/sync/region=.../dt=.../             (the sync step's per-file checkpoints)
+    {root}/runs/region=.../dt=.../{run_id}/{stage}.json   (each pipeline stage's result, written last)
 
 The root is ``file:///abs/path`` locally or ``s3://bucket/prefix`` in AWS. Path helpers are pure;
 :func:`filesystem` and :func:`write_parquet_atomic` are the only I/O here.
@@ -27,8 +29,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-Dataset = Literal["raw", "dead_letter", "clean", "features", "keys", "models", "recs"]
-DATASETS: tuple[str, ...] = ("raw", "dead_letter", "clean", "features", "keys", "models", "recs")
+Dataset = Literal["raw", "dead_letter", "clean", "features", "keys", "models", "recs", "sync", "runs"]
+DATASETS: tuple[str, ...] = ("raw", "dead_letter", "clean", "features", "keys", "models", "recs", "sync", "runs")
 
 
 def validate_lake_uri(uri: str) -> str:

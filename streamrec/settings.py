@@ -317,8 +317,14 @@ class SyncSettings(_Strict):
     # -- Overall DynamoDB write rate (items/s) per region, sized to the table's capacity (on-demand
     # tables: stay under the account's per-table throughput limit); 0 = unlimited.
     dynamodb_items_per_s: float = Field(2_000, ge=0)
+    # -- Seconds of dynamodb_items_per_s the limiter lets through at once (its bucket size; at least
+    # one 25-item batch).
+    dynamodb_burst_s: float = Field(1.0, gt=0, le=300)
     # -- Parallel BatchWriteItem callers (each sends 25 items per call, the DynamoDB limit).
     dynamodb_workers: int = Field(4, ge=1, le=256)
+    # -- Rows read from an input Parquet file at a time (bounds the sync's memory: a recs row with 100
+    # items is a few KB as a DynamoDB item).
+    read_batch_rows: int = Field(2_000, ge=25, le=1_000_000)
     # -- Jittered exponential backoff for UnprocessedItems and throttling: base, cap, and how many
     # rounds without progress before the sync fails (the run then retries the stage).
     backoff_base_s: float = Field(0.05, gt=0, le=60)
@@ -354,6 +360,10 @@ class RayJobTemplate(_Strict):
     # -- A finished RayJob's cluster is deleted this long after it ends (the RayJob object stays).
     ttl_seconds_after_finished: int = Field(600, ge=0)
     active_deadline_seconds: int = Field(6 * 3_600, ge=60)
+    # -- Extra environment of every RayJob container, as Kubernetes env entries: the Secret-backed
+    # settings (STREAMREC_INGEST__PII_SALT, the warehouse DSN) a stage needs to load its settings. The
+    # chart fills it with what every other streamrec pod gets.
+    env: tuple[dict[str, Any], ...] = ()
 
 
 class PipelineSettings(_Strict):

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from streamrec.cli import demo, dev, etl, events, ingest, score, serve, train
+from streamrec.cli import demo, dev, etl, events, ingest, operator, pipeline, score, serve, train
 from streamrec.cli.common import UserError, err_console
 
 app = typer.Typer(
@@ -28,6 +28,8 @@ app.add_typer(etl.app, name="etl")
 app.add_typer(train.app, name="train")
 app.add_typer(score.app, name="score")
 app.add_typer(serve.app, name="serve")
+app.add_typer(pipeline.app, name="pipeline")
+app.add_typer(operator.app, name="operator")
 app.command("demo")(demo.demo)
 
 

@@ -30,7 +30,7 @@ CHART_OWNED: dict[str, set[str]] = {
     "EmrSettings": {"image"},  # images.spark
     "ServeSettings": {"host", "port", "api_keys", "ingress", "retriever"},  # serving.*; Secret env
     "PipelineSettings": {"namespace", "etl_backend", "spark_image", "spark_service_account"},
-    "RayJobTemplate": {"image", "service_account", "config_map", "node_selector", "tolerations"},
+    "RayJobTemplate": {"image", "service_account", "config_map", "node_selector", "tolerations", "env"},
 }
 DEFS_PREFIX = "settings."
 

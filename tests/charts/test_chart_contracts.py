@@ -89,6 +89,11 @@ def test_rendered_settings_validate(
     assert settings.pipeline.rayjob.config_map == "streamrec-config"
     assert settings.pipeline.rayjob.service_account == "streamrec-ray"
     assert settings.pipeline.spark_service_account == "streamrec-spark"
+    # The controller's RayJobs get the same Secret-backed env as every other pod (else the stage
+    # command could not load its settings outside local).
+    rayjob_env = {e["name"]: e for e in settings.pipeline.rayjob.env}
+    assert rayjob_env["STREAMREC_INGEST__PII_SALT"]["valueFrom"]["secretKeyRef"]["name"]
+    assert rayjob_env["STREAMREC_CONFIG"]["value"] == CONFIG_PATH
     # Without the Secret the settings refuse to start outside local: the salt never has a default.
     with pytest.raises(ValueError, match="pii_salt"):
         Settings.model_validate(doc)
