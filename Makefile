@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 EXTRAS := spark,ray,operators,dev,bench
 PYTEST_ARGS ?=
 
-.PHONY: help demo test deps system-deps bench-ingest bench-etl bench-quality bench-train bench-score bench-serve clean
+.PHONY: help demo test deps system-deps bench-ingest bench-etl bench-quality bench-train bench-score bench-serve diagrams bench-report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,23 @@ bench-score: deps  ## Ray Data scoring users/s against raw index search
 
 bench-serve: deps  ## Ray Serve latency and throughput against a plain FastAPI + Redis GET app
 	$(PY) -m benchmarks.serve
+
+# The docs extra (diagrams, matplotlib) is installed on demand: `make test` and CI never need Graphviz.
+diagrams: $(STAMP)  ## regenerate the design diagrams (docs/diagrams/*.png) from their Python sources
+	@if ! command -v dot >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing graphviz (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null; \
+	  else \
+	    echo "error: Graphviz (dot) is missing; install it (Debian/Ubuntu: sudo apt-get install -y graphviz)" >&2; exit 1; \
+	  fi; \
+	fi
+	@$(PY) -c 'import diagrams' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e '.[docs]'
+	$(PY) docs/diagrams/build.py
+
+bench-report: $(STAMP)  ## regenerate docs/benchmarks.md's figures section and plots from benchmarks/results/*.jsonl
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e '.[docs]'
+	$(PY) -m benchmarks.report
 
 deps: system-deps $(STAMP)  ## install system packages and the Python environment
 

@@ -46,7 +46,7 @@ from operators.children import (
     run_selector,
     spark_application_state,
 )
-from operators.local import settings_for_run
+from operators.local import Recorder, settings_for_run
 from operators.pipeline import API_GROUP, API_VERSION, PLURAL, STAGES, RunSpec, SpecError, StageResult
 from operators.reconcile import (
     TERMINAL_PHASES,
@@ -71,6 +71,7 @@ from operators.stages import (
     StageRefused,
     etl_result,
     read_result,
+    record_run,
     write_result,
 )
 from streamrec.settings import Settings, SettingsError
@@ -228,9 +229,11 @@ class Controller:
         emr_client: Callable[[str], Any] | None = None,
         stage_functions: Mapping[str, StageFn] | None = None,
         etl_result: Callable[[Settings, RunSpec], StageResult] = etl_result,
+        record: Recorder | None = record_run,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
+        self.record = record
         self.kube = kube or KubeClient()
         self._emr_factory = emr_client or self._default_emr_client
         self._emr_clients: dict[str, Any] = {}
@@ -303,7 +306,27 @@ class Controller:
                     break
                 observed = replace(observed, results={**observed.results, **outcomes.results},
                                    failures={**observed.failures, **outcomes.failures})
+            if decision.status.get("phase") in TERMINAL_PHASES:
+                await self._record(spec, settings, observed.results, decision.status, meta)
             return decision
+
+    async def _record(self, spec: RunSpec, settings: Settings, results: Mapping[str, StageResult],
+                      status: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        """The finished run into the warehouse's pipeline_runs (once: a terminal run is not stepped
+        again); a failure is logged, the run's outcome stands."""
+        if self.record is None:
+            return
+        for stage in STAGES:  # a step observes only the results it needs; the record wants them all
+            if stage not in results:
+                found = await self._io(read_result, settings, spec, stage)
+                if found is not None:
+                    results = {**results, stage: found}
+        created = meta.get("creationTimestamp")
+        started = parse_timestamp(created) if created else self.clock()
+        try:
+            await self._io(self.record, settings, spec, results, str(status["phase"]), started, self.clock())
+        except Exception as exc:
+            logger.warning("recording run %s in the warehouse failed: %s", spec.run_id, exc)
 
     async def _observe(self, run: RunRef, spec: RunSpec, status: Mapping[str, Any], settings: Settings,
                        obj: Mapping[str, Any], generation: int | None) -> Observation:

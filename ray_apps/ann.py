@@ -29,11 +29,15 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
 KINDS: tuple[str, ...] = ("auto", "exact", "ivf", "hnsw")
+# Ids to leave out of each query's results: one iterable (or None) per query, or an Arrow list<string>
+# array with one list (or null) per query.
+Exclusions = Sequence[Iterable[str] | None] | pa.Array | pa.ChunkedArray | None
 INDEX_FILE = "index.faiss"
 IDS_FILE = "item_ids.parquet"
 META_FILE = "meta.json"
@@ -120,6 +124,7 @@ class AnnIndex:
         # Position -1 (faiss's "no result") indexes this trailing "" - the padding id.
         self._ids_padded = np.append(item_ids.astype(object), "")
         self._positions: dict[str, int] | None = None
+        self._ids_arrow: pa.StringArray | None = None
 
     @property
     def dim(self) -> int:
@@ -133,27 +138,52 @@ class AnnIndex:
         return {"kind": self.kind, "metric": "inner_product", "dim": self.dim, "items": len(self),
                 "params": dict(self.params), "faiss_version": faiss.__version__}
 
+    @property
+    def item_ids_arrow(self) -> pa.StringArray:
+        """The item ids as an Arrow string array (element ``i`` = faiss position ``i``), built on first
+        use: ``item_ids_arrow.take(positions)`` turns search results into Arrow columns without Python
+        strings."""
+        if self._ids_arrow is None:
+            self._ids_arrow = pa.array(self.item_ids.tolist(), type=pa.string())
+        return self._ids_arrow
+
     def search(self, queries: np.ndarray, k: int,
-               exclude: Sequence[Iterable[str] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exclude: Exclusions = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` items per query: ``(item_ids [B, k] object array of str, scores [B, k] float32)``.
 
         ``exclude[b]`` (ids, e.g. what user b already bought) never appears in row b; the index is asked
         for extra candidates so each row still gets k results. Only when the catalogue has fewer than k
-        eligible items is a row padded, with id ``""`` and score ``-inf``.
+        eligible items is a row padded, with id ``""`` and score ``-inf``. ``exclude`` is one iterable
+        of ids (or None) per query, or an Arrow ``list<string>`` array with one list (or null) per
+        query; ids not in the catalogue are ignored. See :meth:`search_positions`.
         """
-        positions, scores = self._search_positions(queries, k, exclude)
+        positions, scores = self.search_positions(queries, k, exclude)
         return self._ids_padded[positions], scores
 
-    def _search_positions(self, queries: np.ndarray, k: int,
-                          exclude: Sequence[Iterable[str] | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    def search_positions(self, queries: np.ndarray, k: int,
+                         exclude: Exclusions = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` as faiss positions: ``(positions [B, k] int64, -1 = padding; scores [B, k]
+        float32, -inf = padding)``. Usable results come first in each row, best first.
+
+        Exclusion is vectorised: the index is asked once for ``k`` + the longest exclusion list of the
+        batch, every (row, excluded position) pair is matched against that row's candidates with one
+        sorted search over offset-encoded ``row * (N + 1) + position + 1`` codes, and the first ``k``
+        remaining candidates of each row are gathered with a cumulative count. A row an approximate
+        index left short is searched again (see below); the rest of the batch is done.
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = _as_matrix(queries, "queries", dim=self.dim)
-        excluded = self._excluded_positions(exclude, len(q))
-        out_pos = np.full((len(q), k), -1, dtype=np.int64)
-        out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        longest = max((e.size for e in excluded), default=0) if excluded is not None else 0
-        pending = np.arange(len(q))
+        n = len(q)
+        pairs = self._exclusion_pairs(exclude, n)
+        out_pos = np.full((n, k), -1, dtype=np.int64)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        if n == 0:
+            return out_pos, out_scores
+        # Excluded ids per row, duplicates included (an id listed twice costs one extra candidate).
+        per_row = np.bincount(pairs[0], minlength=n) if pairs is not None else None
+        longest = int(per_row.max(initial=0)) if per_row is not None else 0
+        pending = np.arange(n)
         # k + the longest exclusion list is always enough from an exhaustive search; an approximate one
         # may return fewer candidates than asked (an IVF probe that visits few lists, an HNSW beam
         # narrower than k + exclusions), so short rows are retried with a wider probe and beam, and in
@@ -162,31 +192,79 @@ class AnnIndex:
         for round_ in range(_MAX_ESCALATIONS + 1):
             final = self.kind == "exact" or round_ == _MAX_ESCALATIONS
             scores, pos = self._raw_search(q[pending], fetch, effort=2**round_, exhaustive=final)
-            done = np.zeros(len(pending), dtype=bool)
-            if excluded is None and pos.shape[1] >= k:  # the common case, vectorised
-                done = (pos[:, :k] >= 0).all(axis=1)
-                out_pos[pending[done]] = pos[done, :k]
-                out_scores[pending[done]] = scores[done, :k]
-            for row in np.flatnonzero(~done):
-                b = pending[row]
-                got = self._usable(pos[row], None if excluded is None else excluded[b])[:k]
-                if got.size == k or final:  # a final short row is padded (catalogue too small)
-                    out_pos[b, : got.size] = pos[row, got]
-                    out_scores[b, : got.size] = scores[row, got]
-                    done[row] = True
+            if pairs is None and pos.shape[1] >= k and (pos[:, :k] >= 0).all():  # the common case
+                out_pos[pending] = pos[:, :k]
+                out_scores[pending] = scores[:, :k]
+                break
+            keep = pos >= 0
+            if pairs is not None:
+                keep &= ~self._excluded_mask(pos, pending, pairs, n)
+            rank = np.cumsum(keep, axis=1)  # rank[r, c]: usable candidates in row r up to column c
+            done = (rank[:, -1] >= k) if not final else np.ones(len(pending), dtype=bool)
+            take = keep & (rank <= k) & done[:, None]
+            rows, cols = np.nonzero(take)  # row-major: each row's columns in rank order
+            dest = pending[rows], rank[rows, cols] - 1
+            out_pos[dest] = pos[rows, cols]
+            out_scores[dest] = scores[rows, cols]
             pending = pending[~done]
             if pending.size == 0:
                 break
             fetch = min(len(self), fetch * 2)
         return out_pos, out_scores
 
-    @staticmethod
-    def _usable(pos: np.ndarray, excluded: np.ndarray | None) -> np.ndarray:
-        """Column indexes of the usable results in one row: real positions, not excluded, in rank order."""
-        keep = pos >= 0
-        if excluded is not None and excluded.size:
-            keep &= ~np.isin(pos, excluded)
-        return np.flatnonzero(keep)
+    def _excluded_mask(self, pos: np.ndarray, pending: np.ndarray, pairs: tuple[np.ndarray, np.ndarray],
+                       batch: int) -> np.ndarray:
+        """``[len(pending), fetch]`` bool: candidate ``pos[r, c]`` is excluded for query ``pending[r]``.
+
+        Codes ``row * (N + 1) + position + 1`` are unique per (row, item) and never 0 mod N + 1, so
+        faiss's -1 ("no result") matches nothing; one ``searchsorted`` over the sorted excluded codes
+        tests every candidate of the rows that have exclusions."""
+        ex_rows, ex_pos = pairs
+        stride = len(self) + 1
+        slot = np.full(batch, -1, dtype=np.int64)
+        slot[pending] = np.arange(len(pending))
+        mine = slot[ex_rows]
+        ok = mine >= 0  # pairs of rows searched in this round
+        codes = np.unique(mine[ok] * stride + ex_pos[ok] + 1)
+        mask = np.zeros(pos.shape, dtype=bool)
+        if codes.size == 0:
+            return mask
+        rows = np.unique(mine[ok])  # only these rows can have excluded candidates
+        cand = rows[:, None] * stride + pos[rows] + 1
+        at = np.minimum(np.searchsorted(codes, cand), codes.size - 1)
+        mask[rows] = codes[at] == cand
+        return mask
+
+    def _exclusion_pairs(self, exclude: Exclusions, batch: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(rows, positions)`` int64: one pair per excluded id found in the catalogue (an id listed
+        twice for a row gives two pairs; unknown ids none). None when nothing is excluded at all."""
+        if exclude is None:
+            return None
+        if isinstance(exclude, (pa.Array, pa.ChunkedArray)):
+            lists = exclude.combine_chunks() if isinstance(exclude, pa.ChunkedArray) else exclude
+            if len(lists) != batch:
+                raise ValueError(f"exclude has {len(lists)} entries for {batch} queries")
+            if not pa.types.is_list(lists.type) and not pa.types.is_large_list(lists.type):
+                raise TypeError(f"exclude must be an Arrow list array, got {lists.type}")
+            rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+            flat = pc.list_flatten(lists).to_pylist()
+        else:
+            if len(exclude) != batch:
+                raise ValueError(f"exclude has {len(exclude)} entries for {batch} queries")
+            flat, counts = [], np.zeros(batch, dtype=np.int64)
+            for b, ids in enumerate(exclude):
+                if ids is not None:
+                    before = len(flat)
+                    flat.extend(ids)
+                    counts[b] = len(flat) - before
+            rows = np.repeat(np.arange(batch, dtype=np.int64), counts)
+        if self._positions is None:  # built on first use: serving without exclusions never pays for it
+            self._positions = {item: i for i, item in enumerate(self.item_ids.tolist())}
+        lookup = self._positions
+        found = np.fromiter((lookup.get(i, -1) if isinstance(i, str) else -1 for i in flat),
+                            dtype=np.int64, count=len(flat))
+        known = found >= 0
+        return rows[known], found[known]
 
     def _raw_search(self, q: np.ndarray, fetch: int, *, effort: int,
                     exhaustive: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -203,21 +281,6 @@ class AnnIndex:
             ef = max(int(self.params["ef_search"]) * effort, fetch)
             return self._index.search(q, fetch, params=faiss.SearchParametersHNSW(efSearch=ef))
         return self._index.search(q, fetch)
-
-    def _excluded_positions(self, exclude: Sequence[Iterable[str] | None] | None,
-                            batch: int) -> list[np.ndarray] | None:
-        if exclude is None:
-            return None
-        if len(exclude) != batch:
-            raise ValueError(f"exclude has {len(exclude)} entries for {batch} queries")
-        if self._positions is None:  # built on first use: serving without exclusions never pays for it
-            self._positions = {item: i for i, item in enumerate(self.item_ids.tolist())}
-        lookup = self._positions
-        out = []
-        for ids in exclude:
-            found = [] if ids is None else [lookup[i] for i in ids if i in lookup]  # unknown ids: ignored
-            out.append(np.asarray(found, dtype=np.int64))
-        return out
 
     def to_files(self) -> dict[str, bytes]:
         """The index as ``{file name: bytes}`` (see the module docstring); deterministic for equal input."""
@@ -366,7 +429,7 @@ def measure_recall(index: AnnIndex, embeddings: np.ndarray, queries: np.ndarray,
     if len(x) != len(index):
         raise ValueError(f"{len(x)} embeddings for an index of {len(index)} items")
     k = min(k, len(x))
-    positions, _ = index._search_positions(q, k, None)
+    positions, _ = index.search_positions(q, k)
     hits = 0
     rows = max(1, min(256, _SCORE_BLOCK // len(x)))  # bounded memory: ~64 MB of exact scores at a time
     for start in range(0, len(q), rows):

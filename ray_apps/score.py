@@ -50,7 +50,7 @@ import io
 import json
 import posixpath
 import time as _time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -79,7 +79,6 @@ STAGING_PREFIX = "_staging."
 REPLACED_PREFIX = "_replaced."
 SOURCE_MODEL = "model"
 SOURCE_POPULAR = "popular"
-PAD_ID = ""  # AnnIndex.search pads short rows with "" (never a real item id: "" hashes to padding)
 # Columns scoring reads from the users table (device and purchased_items may be absent in a batch).
 USER_COLUMNS = ("user_id", "last_items", "purchased_items", "device")
 
@@ -203,33 +202,39 @@ def recommend_batch(
             raise KeyError(f"scoring needs column {name!r}; the batch has {sorted(table.column_names)}")
     lengths = pc.fill_null(pc.list_value_length(table.column("last_items")), 0)
     cold = lengths.to_numpy(zero_copy_only=False) < min_history
-    purchased = table.column("purchased_items").to_pylist() if exclude_purchased else None
+    purchased = _list_column(table, "purchased_items") if exclude_purchased else None
 
-    ids = np.full((rows, top_k), PAD_ID, dtype=object)
+    # Results as positions in one id space: 0..N-1 the index's items, N.. the popularity list's; -1 none.
+    positions = np.full((rows, top_k), -1, dtype=np.int64)
     scores = np.full((rows, top_k), -np.inf, dtype=np.float32)
     warm = np.flatnonzero(~cold)
     if warm.size:
-        users = table.take(pa.array(warm))
+        every = warm.size == rows  # the common case: no copy of the batch
+        users = table if every else table.take(pa.array(warm))
         vectors = user_vectors(model, users, region)
-        exclude = [purchased[i] for i in warm] if purchased is not None else None
-        found_ids, found_scores = index.search(vectors, top_k, exclude=exclude)
-        ids[warm] = found_ids
-        scores[warm] = found_scores
-    if cold.any():
-        _fill_popular(ids, scores, np.flatnonzero(cold), popular, purchased, top_k)
+        exclude = purchased if purchased is None or every else purchased.take(pa.array(warm))
+        positions[warm], scores[warm] = index.search_positions(vectors, top_k, exclude=exclude)
+    cold_rows = np.flatnonzero(cold)
+    if cold_rows.size:
+        pop_positions, scores[cold_rows] = _popular_positions(cold_rows, popular, purchased, top_k)
+        positions[cold_rows] = np.where(pop_positions >= 0, pop_positions + len(index), -1)
 
-    valid = ids != PAD_ID
+    # Each row's results come first, then padding (-1): the valid cells in row order are the lists.
+    valid = positions >= 0
     offsets = np.zeros(rows + 1, dtype=np.int32)
     np.cumsum(valid.sum(axis=1), out=offsets[1:])
     offsets_array = pa.array(offsets, type=pa.int32())
-    item_ids = pa.ListArray.from_arrays(offsets_array, pa.array(ids[valid], type=pa.string()))
+    names = index.item_ids_arrow
+    if cold_rows.size:
+        names = pa.concat_arrays([names, pa.array(popular.item_ids, type=pa.string())])
+    item_ids = pa.ListArray.from_arrays(offsets_array, names.take(pa.array(positions[valid])))
     item_scores = pa.ListArray.from_arrays(offsets_array, pa.array(scores[valid], type=pa.float32()))
-    source = pa.array(np.where(cold, SOURCE_POPULAR, SOURCE_MODEL).astype(object), type=pa.string())
+    source = pc.if_else(pa.array(cold, type=pa.bool_()), SOURCE_POPULAR, SOURCE_MODEL)
     return pa.Table.from_arrays([
         table.column("user_id").cast(pa.string()),
         item_ids.cast(RECS_SCHEMA.field("item_ids").type),
         item_scores.cast(RECS_SCHEMA.field("scores").type),
-        source,
+        source.cast(pa.string()),
         pa.repeat(pa.scalar(model_version, pa.string()), rows),
         pa.repeat(pa.scalar(utc(generated_at), RECS_SCHEMA.field("generated_at").type), rows),
     ], schema=RECS_SCHEMA)
@@ -252,25 +257,34 @@ def user_vectors(model: TwoTowerModel, users: pa.Table, region: str) -> np.ndarr
     return np.ascontiguousarray(vectors.float().cpu().numpy(), dtype=np.float32)
 
 
-def _fill_popular(ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, popular: PopularList,
-                  purchased: Sequence[Sequence[str] | None] | None, top_k: int) -> None:
-    """Cold rows get the popularity list (minus what the user bought, when excluding)."""
-    pop_ids = np.asarray(popular.item_ids, dtype=object)
-    pop_scores = np.asarray(popular.scores, dtype=np.float32)
-    head = min(top_k, len(pop_ids))
-    plain = rows if purchased is None else np.asarray([r for r in rows if not purchased[r]], dtype=np.int64)
-    if plain.size and head:
-        ids[plain, :head] = pop_ids[:head]
-        scores[plain, :head] = pop_scores[:head]
-    if purchased is None:
-        return
-    for r in rows:
-        bought = purchased[r]
-        if not bought:
-            continue
-        keep = np.flatnonzero(~np.isin(pop_ids, np.asarray(list(bought), dtype=object)))[:top_k]
-        ids[r, : keep.size] = pop_ids[keep]
-        scores[r, : keep.size] = pop_scores[keep]
+def _list_column(table: pa.Table, name: str) -> pa.Array:
+    """A list column as one Arrow array (chunks combined)."""
+    column = table.column(name)
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _popular_positions(rows: np.ndarray, popular: PopularList, purchased: pa.Array | None,
+                       top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cold rows' lists as positions in the popularity list (``[len(rows), top_k]``, -1 = none) and
+    scores: its first ``top_k`` items, minus what each user bought when excluding. Vectorised: the
+    bought ids are looked up in the list once, masked, and the first ``top_k`` left per row kept."""
+    size = len(popular)
+    keep = np.ones((len(rows), size), dtype=bool)
+    if purchased is not None and size:
+        bought = purchased.take(pa.array(rows))
+        parents = pc.list_parent_indices(bought).to_numpy(zero_copy_only=False)
+        where = pc.index_in(pc.list_flatten(bought).cast(pa.string()),
+                            value_set=pa.array(popular.item_ids, type=pa.string()))
+        where = pc.fill_null(where, -1).to_numpy(zero_copy_only=False)
+        hit = where >= 0
+        keep[parents[hit], where[hit]] = False
+    rank = np.cumsum(keep, axis=1)
+    r, c = np.nonzero(keep & (rank <= top_k))
+    positions = np.full((len(rows), top_k), -1, dtype=np.int64)
+    scores = np.full((len(rows), top_k), -np.inf, dtype=np.float32)
+    positions[r, rank[r, c] - 1] = c
+    scores[r, rank[r, c] - 1] = np.asarray(popular.scores, dtype=np.float32)[c]
+    return positions, scores
 
 
 @contextmanager
@@ -430,12 +444,15 @@ def score(settings: Settings, region: str, day: date, *, version: str | None = N
 
     Reads ``features/region=R/dt=D/users`` with Ray Data, runs :class:`UserScorer` in a fixed pool of
     ``score.concurrency`` actors with ``score.cpus_per_actor`` CPUs each, ``score.batch_size`` rows a
-    batch, and replaces ``recs/region=R/dt=D/model_version=V/`` (see the module docstring for how a
-    crash is handled). ``generated_at`` defaults to the end of ``day``. ``gpus_per_actor`` None gives
-    each actor an equal share of the cluster's GPUs (at most one) when it has any, else none.
+    batch (at most a block), and replaces ``recs/region=R/dt=D/model_version=V/`` (see the module
+    docstring for how a crash is handled). ``generated_at`` defaults to the end of ``day``.
+    ``gpus_per_actor`` None gives each actor an equal share of the cluster's GPUs (at most one) when it
+    has any, else none.
     ``rows_per_block`` re-cuts the users table into blocks of that many rows (streaming, no shuffle,
-    order kept); each block is one actor task and one output file. Default: Ray Data's read blocks (up
-    to its target block size, so a small table is one block and keeps one actor busy).
+    order kept); each block is one actor task and one output file. Default
+    (:func:`default_rows_per_block`): equal blocks of at most ``score.batch_size`` rows, a multiple of
+    ``concurrency`` of them, so every actor gets work (Ray Data's own read blocks, up to its target block
+    size, would leave a one-file table in one block and all but one actor idle).
     """
     import ray
     import ray.data
@@ -479,8 +496,12 @@ def score(settings: Settings, region: str, day: date, *, version: str | None = N
     # select_columns right after the read is pushed down into it (only these columns are read).
     dataset = ray.data.read_parquet(users_path, filesystem=fs, partitioning=None).select_columns(
         list(USER_COLUMNS))
-    if rows_per_block is not None:
-        dataset = dataset.repartition(target_num_rows_per_block=rows_per_block, strict=True)
+    if rows_per_block is None:
+        rows_per_block = default_rows_per_block(users, scoring.batch_size, scoring.concurrency)
+    dataset = dataset.repartition(target_num_rows_per_block=rows_per_block, strict=True)
+    # Ray Data bundles input blocks until a task has batch_size rows: with smaller blocks two would share
+    # a task (and a file), and the actors would get half as many, uneven tasks. A batch is at most a block.
+    batch_size = min(scoring.batch_size, rows_per_block)
     recs = dataset.map_batches(
         UserScorer,
         fn_constructor_kwargs=dict(
@@ -491,7 +512,7 @@ def score(settings: Settings, region: str, day: date, *, version: str | None = N
         compute=ray.data.ActorPoolStrategy(size=scoring.concurrency),
         num_cpus=scoring.cpus_per_actor,
         num_gpus=gpus_per_actor or None,
-        batch_size=scoring.batch_size,
+        batch_size=batch_size,
         batch_format="pyarrow",
         udf_modifying_row_count=False,
     )
@@ -512,7 +533,7 @@ def score(settings: Settings, region: str, day: date, *, version: str | None = N
         users_per_second=round(users / max(seconds, 1e-9), 1),
         output=layout.to_uri(target), files=files,
         params={"top_k": scoring.top_k, "min_history": scoring.min_history,
-                "exclude_purchased": scoring.exclude_purchased, "batch_size": scoring.batch_size,
+                "exclude_purchased": scoring.exclude_purchased, "batch_size": batch_size,
                 "concurrency": scoring.concurrency, "cpus_per_actor": scoring.cpus_per_actor,
                 "gpus_per_actor": gpus_per_actor, "rows_per_block": rows_per_block,
                 "popular_items": len(popular)},
@@ -520,6 +541,20 @@ def score(settings: Settings, region: str, day: date, *, version: str | None = N
     write_bytes_atomic(fs, posixpath.join(staging, SUMMARY_FILE), summary.to_json().encode())
     _replace_folder(fs, staging, target, replaced)
     return summary
+
+
+def default_rows_per_block(users: int, batch_size: int, concurrency: int) -> int:
+    """Rows per Ray Data block when ``score()`` is not told: blocks of at most ``batch_size`` rows (each
+    block is one actor call and one output file), as equal as they can be and as many as a multiple of
+    ``concurrency``, so every actor gets work and the actors finish together: 100,000 users in batches
+    of 4,096 for 2 actors are 26 blocks of 3,847 (not 24 full blocks and one of 1,696); 5,000 users are
+    2 blocks of 2,500 (one 4,096-row block would leave an actor idle)."""
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError(f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}")
+    if users <= 0:
+        return 1
+    blocks = concurrency * -(-users // (concurrency * batch_size))
+    return -(-users // blocks)
 
 
 def _part_files() -> Any:
@@ -576,6 +611,7 @@ def _replace_folder(fs: pafs.FileSystem, staging: str, target: str, replaced: st
 __all__ = [
     "RECS_SCHEMA", "SUMMARY_FILE", "MissingInputError", "NoPromotedModelError", "PopularList",
     "RegistryLocation", "ScoreError", "ScoreSummary", "UserScorer", "default_generated_at",
+    "default_rows_per_block",
     "load_scoring_model", "output_folder", "version_config", "read_popular", "read_summary", "recommend_batch",
     "resolve_version", "score", "user_vectors", "utc",
 ]

@@ -1,13 +1,17 @@
 """The end-to-end demo behind ``make demo``: the whole job on the embedded local stack.
 
-Stages so far: bring up the local stack (moto, redis-server, PostgreSQL) in its own state folder,
-generate a clickstream for two regions onto their Kinesis streams, run two consumer workers per region
-(real ``streamrec ingest run`` processes, as the pods run them) until the streams are drained, and
-account for every produced record: raw lake rows + dead letters + duplicates dropped = records produced.
-Then the Spark ETL (local[2]) cleans every full day of the generated window, builds features and exports
-the key data points for the last full day, and accounts for every raw row of those days: clean rows +
-rows removed by reason = raw rows.
-"""
+1. The local stack (moto, redis-server, PostgreSQL) in its own state folder; each region gets its own
+   stream, tables, lake, warehouse database and model registry (regions share nothing).
+2. A clickstream for two regions onto their Kinesis streams; two consumer workers per region (real
+   ``streamrec ingest run`` processes, as the pods run them) until the streams are drained; every
+   produced record accounted for: raw lake rows + dead letters + duplicates dropped = records produced.
+3. Per region, one PipelineRun executed in-process (operators/local.py, the same stages the controller
+   runs in a cluster): the Spark ETL cleans every full day of the window and builds features and key
+   data points for the last one (every raw row accounted for: clean rows + rows removed by reason = raw
+   rows), Ray Train trains and the gate evaluates against popularity, Ray Data scores every user, the
+   sync writes DynamoDB and the PostgreSQL warehouse, and promotion flips the region to the new model.
+4. Ray Serve with one application per region, and three requests each: a known user, a cold user and a
+   user who has just clicked (through Kinesis and the consumer), each answer saying its source."""
 
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ import pyarrow.dataset as ds
 from streamrec.lake import LakeLayout, filesystem
 
 DEMO_REGIONS = ("us-east-1", "eu-west-1")
+# The demo's PipelineRuns override the epochs (spec.overrides, as a user would): a few days of a small
+# synthetic clickstream need more passes than the daily default to clear the gate's +10% over popularity.
+DEMO_OVERRIDES = {"train": {"epochs": 4}}
 
 
 class DemoError(RuntimeError):
@@ -140,39 +147,97 @@ def etl_days(window_start: datetime, window_end: datetime) -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
-def run_etl(settings: Any, region: str, days: list[date], spark: Any) -> EtlReport:
-    """clean for every day, then features and keys for the last; fail on the first failed job."""
-    from spark_etl import runner
+@dataclass
+class PipelineReport:
+    """One region's PipelineRun, as the demo's summary table shows it."""
 
-    # A live consumer stamps every generated record with today's receive time, so each event day's run
-    # must accept arrivals up to now: the lateness window covers the whole generated history.
-    lateness = (datetime.now(UTC).date() - days[0]).days * 24 + 48
-    etl = settings.etl.model_copy(update={"late_arrival_hours": lateness})
-    lake_uri = settings.region(region).lake_uri
+    region: str
+    run_id: str
+    stages: list[tuple[str, str, float, str]] = field(default_factory=list)  # stage, state, seconds, message
+    users: int = 0
+    items: int = 0
+    version: str | None = None
+    promoted: bool = False
+    gate_reason: str = ""
+    metric: str = ""
+    model_metric: float | None = None
+    popular_metric: float | None = None
+    synced: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def recs_items(self) -> int:
+        return self.synced.get("dynamodb_recs", 0)
+
+    @property
+    def warehouse_rows(self) -> int:
+        return sum(v for k, v in self.synced.items() if k.startswith("warehouse_"))
+
+
+@dataclass
+class DemoResult:
+    ingest: list[RegionReport]
+    etl: list[EtlReport]
+    pipelines: list[PipelineReport]
+    answers: list[Any]  # list[ServedAnswer]
+    seconds: float
+
+
+def etl_report(settings: Any, region: str, days: list[date], outputs: dict[str, Any]) -> EtlReport:
+    """The ETL stage's counts next to the raw rows of its days, for the accounting check."""
     report = EtlReport(region, [d.isoformat() for d in days])
-    t0 = time.monotonic()
-    summaries = list(runner.run(spark, lake_uri, region, "clean", days[0], days[-1], etl))
-    summaries += list(runner.run(spark, lake_uri, region, "features", days[-1], None, etl))
-    summaries += list(runner.run(spark, lake_uri, region, "keys", days[-1], None, etl))
-    for s in summaries:
-        if s.job == "clean":
-            report.clean_rows += s.outputs["clean"]
-            report.removed.update({k: v for k, v in s.removed.items() if k != "other_day"})
-        elif s.job == "features":
-            report.features = dict(s.outputs)
-        else:
-            report.keys = dict(s.outputs)
+    report.clean_rows = int(outputs["clean_rows"])
+    report.removed.update(outputs["removed"])
+    report.features = dict(outputs["features"])
+    report.keys = dict(outputs["keys"])
+    lake_uri = settings.region(region).lake_uri
     start = datetime.combine(days[0], datetime.min.time(), UTC)
     end = datetime.combine(days[-1] + timedelta(days=1), datetime.min.time(), UTC)
     layout = LakeLayout(lake_uri)
     report.raw_rows = raw_rows_between(filesystem(lake_uri), layout.region_root("raw", region), start, end)
+    return report
+
+
+def demo_settings(settings: Any, days: list[date]) -> Any:
+    """The stack's settings, tuned for a demo-sized run on 2 cores.
+
+    A live consumer stamps every generated record with today's receive time, so each event day's ETL
+    must accept arrivals up to now: the lateness window covers the whole generated history. The gate
+    evaluates every holdout user, and pre-warming covers the few hundred users there are."""
+    lateness = (datetime.now(UTC).date() - days[0]).days * 24 + 48
+    return settings.model_copy(update={"etl": settings.etl.model_copy(update={"late_arrival_hours": lateness})})
+
+
+def run_region_pipeline(settings: Any, region: str, days: list[date], say: Callable[[str], None]) -> PipelineReport:
+    """One backfill PipelineRun for the region, in this process: clean every day, then features, train,
+    evaluate, score, sync and promote for the last."""
+    from operators.local import PipelineFailed, run_pipeline
+    from operators.pipeline import RunSpec
+    from operators.stages import synced_counts
+
+    spec = RunSpec(region, days[-1], days[0] if len(days) > 1 else None, overrides=DEMO_OVERRIDES)
+    t0 = time.monotonic()
+    try:
+        run = run_pipeline(settings, spec, retry_delay_s=1.0, say=say)
+    except PipelineFailed as exc:
+        raise DemoError(f"pipeline {spec.run_id} failed: {exc}") from None
+    done = run.done
+    report = PipelineReport(region, spec.run_id, [(s.stage, s.state, s.seconds, s.result.message) for s in run.stages])
+    etl = done["etl"].outputs
+    report.users, report.items = int(etl["features"]["users"]), int(etl["features"]["items"])
+    train = done["train"].outputs
+    report.version = train["version"]
+    report.gate_reason = train["gate"]["reason"]
+    report.metric, report.model_metric, report.popular_metric = train["metric"], train["model"], train["popular"]
+    report.promoted = bool(done["promote"].outputs.get("promoted"))
+    report.synced = synced_counts(done)
     report.seconds = time.monotonic() - t0
     return report
 
 
-def run_demo(state_dir: Path, *, events_per_region: int = 25_000, users: int = 2_000, items: int = 3_000,
+def run_demo(state_dir: Path, *, events_per_region: int = 25_000, users: int = 1_000, items: int = 1_000,
              days: float = 5.0, workers_per_region: int = 2, seed: int = 7, keep_stack: bool = False,
-             say: Callable[[str], None] = print) -> tuple[list[RegionReport], list[EtlReport]]:
+             online: bool = True, say: Callable[[str], None] = print) -> DemoResult:
     import redis
 
     from streamrec.clickstream.config import GeneratorConfig
@@ -200,7 +265,7 @@ def run_demo(state_dir: Path, *, events_per_region: int = 25_000, users: int = 2
             fs = filesystem(rs.lake_uri, endpoint_url=settings.aws.endpoint_url, region=region)
             layout = LakeLayout(rs.lake_uri)
             summary = published[region]
-            report = RegionReport(
+            reports[region] = RegionReport(
                 region=region,
                 produced=summary.tally.total,
                 produced_by_kind=dict(summary.tally.by_kind),
@@ -210,31 +275,70 @@ def run_demo(state_dir: Path, *, events_per_region: int = 25_000, users: int = 2
                 users_online=count_online_users(redis.Redis.from_url(rs.redis_url), region),
                 seconds=time.monotonic() - t0,
             )
-            reports[region] = report
-        etl_reports = []
-        etl_window = etl_days(*config.window)
-        say(f"starting Spark ({settings.spark.master}) for the ETL of {etl_window[0]} .. {etl_window[-1]}")
-        from spark_etl.jobs.common import MissingInputError
-        from spark_etl.session import local_session
-        from spark_etl.summary import DataQualityError
-
-        from pyspark.sql import SparkSession
-
-        # Inside a process that already runs Spark (the test suite), share its session and leave it up.
-        shared = SparkSession.getActiveSession() is not None
-        spark = local_session(settings.spark)
-        try:
-            for region in DEMO_REGIONS:
-                say(f"ETL {region}: clean {len(etl_window)} days, features and keys for {etl_window[-1]}")
-                try:
-                    etl_reports.append(run_etl(settings, region, etl_window, spark))
-                except (DataQualityError, MissingInputError) as exc:
-                    raise DemoError(f"ETL for {region} failed: {exc}") from None
-        finally:
-            if not shared:
-                spark.stop()
+        window = etl_days(*config.window)
+        run_settings = demo_settings(settings, window)
+        pipelines, etl_reports = [], []
+        for region in DEMO_REGIONS:
+            say(f"PipelineRun {region}: ETL {window[0]} .. {window[-1]}, then train, score, sync, promote "
+                f"for {window[-1]}")
+            report = run_region_pipeline(run_settings, region, window, say)
+            pipelines.append(report)
+            etl_reports.append(etl_report(settings, region, window, _etl_outputs(run_settings, region, window)))
+        answers: list[Any] = []
+        if online:
+            answers = _online(run_settings, state.config_path, window[-1], state_dir,
+                              {p.region: p.promoted for p in pipelines}, say)
         say(f"done in {time.monotonic() - started:.0f} s")
-        return list(reports.values()), etl_reports
+        return DemoResult(list(reports.values()), etl_reports, pipelines, answers, time.monotonic() - started)
     finally:
         if not keep_stack:
             stack.down(state_dir)
+
+
+def _etl_outputs(settings: Any, region: str, window: list[date]) -> dict[str, Any]:
+    from operators.pipeline import RunSpec
+    from operators.stages import read_result
+
+    result = read_result(settings, RunSpec(region, window[-1], window[0] if len(window) > 1 else None), "etl")
+    if result is None:
+        raise DemoError(f"the ETL of {region} left no result")
+    return dict(result.outputs)
+
+
+def quiet_users(redis_url: str, region: str, candidates: list[str], day: date) -> list[str]:
+    """The candidates (in order) whose last click came before their batch recommendations were
+    computed (the end of ``day``): Serve answers them from the batch, while a user who clicked since
+    gets a real-time answer. The generated clickstream runs up to now, so many active users clicked
+    today. Falls back to the first two candidates."""
+    import redis
+
+    from streamrec.online import user_recent_key
+
+    cutoff_ms = int(datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC).timestamp() * 1000)
+    with redis.Redis.from_url(redis_url) as client:
+        pipe = client.pipeline(transaction=False)
+        for user in candidates:
+            pipe.zrevrange(user_recent_key(region, user), 0, 0, withscores=True)
+        newest = [int(pairs[0][1]) if pairs else 0 for pairs in pipe.execute()]
+    quiet = [u for u, ms in zip(candidates, newest) if ms < cutoff_ms]
+    return quiet[:2] if len(quiet) >= 2 else candidates[:2]
+
+
+def _online(settings: Any, config_path: Path, day: date, state_dir: Path, promoted: dict[str, bool],
+            say: Callable[[str], None]) -> list[Any]:
+    import pyarrow.dataset as pads
+
+    from operators.promote import most_active_users
+    from streamrec.demo_online import OnlineDemoError, show_online
+
+    known: dict[str, list[str]] = {}
+    for region in DEMO_REGIONS:
+        lake_uri = settings.region(region).lake_uri
+        path = LakeLayout(lake_uri).partition("features", region, day) + "/users"
+        users = pads.dataset(path, filesystem=filesystem(lake_uri), format="parquet").to_table()
+        known[region] = quiet_users(settings.region(region).redis_url, region, most_active_users(users, 200), day)
+    say(f"starting Ray Serve with one application per region ({', '.join(DEMO_REGIONS)})")
+    try:
+        return show_online(settings, config_path, DEMO_REGIONS, known, promoted, state_dir, run_consumers, say)
+    except OnlineDemoError as exc:
+        raise DemoError(str(exc)) from None

@@ -4,11 +4,17 @@ Recs table (key: ``user_id``, ``model_version``; see :func:`streamrec.tables.rec
 per user and model version::
 
     user_id S, model_version S, item_ids L<S>, scores L<N>, source S (model | popular),
-    generated_at S (ISO 8601 UTC)
+    generated_at S (ISO 8601 UTC), expires_at N (epoch seconds; the table's TTL attribute, set by sync)
 
 Features table (``pk``, ``sk``), the regional popularity list of the ETL's export_keys job::
 
     pk "popular", sk "top<K>", item_ids L<S>, scores L<N>, dt S
+
+and the region's promoted-version pointer, written only by ``operators.sync.dynamodb.publish_pointer``
+(after every recs item of that version is in; see docs/sync.md)::
+
+    pk "pointer", sk "model", model_version S, dt S, items N, published_at S, revision N,
+    previous_version S (absent for the first version)
 
 Encoded to and from DynamoDB's low-level attribute format here, so the writer and the reader cannot
 drift apart and the hot read path needs no boto3 resource layer (its Decimal conversions cost more than
@@ -19,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 POPULAR_PK = "popular"
+POINTER_PK = "pointer"
+POINTER_SK = "model"
 
 
 def popular_sort_key(top_k: int) -> str:
@@ -46,13 +54,14 @@ def _number(value: float) -> dict[str, str]:
 
 
 def recs_item(user_id: str, model_version: str, item_ids: Sequence[str], scores: Sequence[float],
-              source: str, generated_at: datetime) -> dict[str, Any]:
-    """The recs-table item (low-level attribute values) for one user's batch recommendations."""
+              source: str, generated_at: datetime, *, expires_at: int | None = None) -> dict[str, Any]:
+    """The recs-table item (low-level attribute values) for one user's batch recommendations.
+    ``expires_at`` (epoch seconds) is the TTL attribute: DynamoDB deletes the item some time after it."""
     if len(item_ids) != len(scores):
         raise ValueError(f"{len(item_ids)} item ids but {len(scores)} scores for user {user_id!r}")
     if generated_at.tzinfo is None:
         raise ValueError("generated_at must be timezone-aware (UTC)")
-    return {
+    item = {
         "user_id": {"S": user_id},
         "model_version": {"S": model_version},
         "item_ids": {"L": [{"S": i} for i in item_ids]},
@@ -60,6 +69,9 @@ def recs_item(user_id: str, model_version: str, item_ids: Sequence[str], scores:
         "source": {"S": source},
         "generated_at": {"S": generated_at.astimezone(UTC).isoformat()},
     }
+    if expires_at is not None:
+        item["expires_at"] = {"N": str(int(expires_at))}
+    return item
 
 
 def parse_recs_item(item: Mapping[str, Any]) -> StoredRecs:
@@ -89,4 +101,53 @@ def parse_popular_item(item: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[
     return ids, scores
 
 
-__all__ = ["POPULAR_PK", "StoredRecs", "parse_popular_item", "parse_recs_item", "popular_sort_key", "recs_item"]
+@dataclass(frozen=True)
+class PointerInfo:
+    """The region's promoted model version as the online store knows it: every one of its ``items``
+    recs items of day ``dt`` was in the recs table before the pointer moved to it."""
+
+    model_version: str
+    dt: date
+    items: int
+    published_at: datetime
+    revision: int
+    previous_version: str | None = None
+
+
+def pointer_key() -> dict[str, Any]:
+    return {"pk": {"S": POINTER_PK}, "sk": {"S": POINTER_SK}}
+
+
+def pointer_item(info: PointerInfo) -> dict[str, Any]:
+    if info.published_at.tzinfo is None:
+        raise ValueError("published_at must be timezone-aware (UTC)")
+    item = {
+        **pointer_key(),
+        "model_version": {"S": info.model_version},
+        "dt": {"S": info.dt.isoformat()},
+        "items": {"N": str(info.items)},
+        "published_at": {"S": info.published_at.astimezone(UTC).isoformat()},
+        "revision": {"N": str(info.revision)},
+    }
+    if info.previous_version:
+        item["previous_version"] = {"S": info.previous_version}
+    return item
+
+
+def parse_pointer_item(item: Mapping[str, Any]) -> PointerInfo:
+    """The inverse of :func:`pointer_item`; a malformed item raises ValueError."""
+    try:
+        return PointerInfo(
+            model_version=item["model_version"]["S"],
+            dt=date.fromisoformat(item["dt"]["S"]),
+            items=int(item["items"]["N"]),
+            published_at=datetime.fromisoformat(item["published_at"]["S"]),
+            revision=int(item["revision"]["N"]),
+            previous_version=item.get("previous_version", {}).get("S"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed pointer item: {type(exc).__name__}: {exc}") from None
+
+
+__all__ = ["POINTER_PK", "POINTER_SK", "POPULAR_PK", "PointerInfo", "StoredRecs", "parse_pointer_item",
+           "parse_popular_item", "parse_recs_item", "pointer_item", "pointer_key", "popular_sort_key", "recs_item"]

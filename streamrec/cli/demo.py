@@ -14,25 +14,30 @@ from streamrec.cli.common import UserError, console
 
 def demo(
     events: Annotated[int, typer.Option(help="Records to generate per region (incl. bot, malformed, duplicate).")] = 25_000,
-    users: Annotated[int, typer.Option(help="Users per region.")] = 2_000,
-    items: Annotated[int, typer.Option(help="Items in the shared catalogue.")] = 3_000,
+    users: Annotated[int, typer.Option(help="Users per region.")] = 1_000,
+    items: Annotated[int, typer.Option(help="Items in the shared catalogue.")] = 1_000,
     days: Annotated[float, typer.Option(min=2, max=30, help="Days of history the generated clickstream spans "
                                         "(the ETL cleans each full day and builds features for the last).")] = 5.0,
     workers: Annotated[int, typer.Option(help="Consumer workers per region (they share the shards by lease).")] = 2,
     seed: Annotated[int, typer.Option(help="Generator seed (same seed, same records).")] = 7,
     state_dir: Annotated[Path, typer.Option(help="Where the demo's stack, lake and logs live (wiped at start).")] = Path(".streamrec/demo"),
     keep_stack: Annotated[bool, typer.Option("--keep-stack", help="Leave moto, redis and PostgreSQL running afterwards.")] = False,
+    online: Annotated[bool, typer.Option("--online/--no-online", help="Start Ray Serve at the end and show "
+                                         "a known, a cold and a just-clicked user's answers.")] = True,
 ) -> None:
-    """Run the pipeline end to end on local stand-ins and account for every record."""
+    """Run the whole job end to end on local stand-ins: clickstream → Kinesis → consumers → a PipelineRun
+    per region (Spark ETL, Ray Train, Ray Data scoring, sync to DynamoDB and PostgreSQL, promotion) →
+    Ray Serve answering HTTP requests; account for every record."""
     from streamrec.demo import DemoError, run_demo
     from streamrec.devstack.process import DevStackError
 
     try:
-        reports, etl_reports = run_demo(state_dir.resolve(), events_per_region=events, users=users, items=items,
-                           days=days, workers_per_region=workers, seed=seed, keep_stack=keep_stack,
-                           say=lambda m: console.print(m, highlight=False))
+        result = run_demo(state_dir.resolve(), events_per_region=events, users=users, items=items, days=days,
+                          workers_per_region=workers, seed=seed, keep_stack=keep_stack, online=online,
+                          say=lambda m: console.print(m, highlight=False, soft_wrap=True))
     except (DemoError, DevStackError) as exc:
         raise UserError(f"demo failed: {exc}") from None
+    reports, etl_reports = result.ingest, result.etl
     table = Table(title="ingestion per region", box=box.SIMPLE_HEAD)
     for col in ("region", "produced", "lake\nrows", "dead\nletters", "duplicates", "Redis\nusers", "balanced"):
         table.add_column(col, justify="left" if col == "region" else "right", no_wrap=True)
@@ -49,6 +54,9 @@ def demo(
         reasons.add_row(reason, *(f"{r.dead_lettered.get(reason, 0):,}" for r in reports))
     console.print(reasons)
     console.print(etl_table(etl_reports))
+    if result.answers:
+        console.print(answers_table(result.answers))
+    console.print(summary_table(result.pipelines, etl_reports))
     lake = state_dir.resolve() / "lake"
     console.print(f"lake: {lake}", highlight=False)
     failed = False
@@ -62,6 +70,44 @@ def demo(
         raise typer.Exit(1)
     console.print("every record accounted for: lake rows + dead letters + duplicates = produced")
     console.print("every raw row of the ETL's days accounted for: clean rows + removed = raw rows")
+
+
+def answers_table(answers: list) -> Table:  # list[ServedAnswer]
+    table = Table(title="Ray Serve answers (GET /<region>/v1/users/{user}/recommendations?k=5)", box=box.SIMPLE_HEAD)
+    for col in ("region", "request", "user", "source", "ms", "top items"):
+        table.add_column(col, justify="right" if col == "ms" else "left", overflow="fold")
+    for a in answers:
+        table.add_row(a.region, a.case, a.user_id, a.source, f"{a.milliseconds:.0f}", " ".join(a.item_ids[:5]))
+    return table
+
+
+def summary_table(pipelines: list, etl_reports: list) -> Table:  # list[PipelineReport], list[EtlReport]
+    """One column per region: what the day's PipelineRun produced and where it went."""
+    table = Table(title="per region", box=box.SIMPLE_HEAD)
+    table.add_column("")
+    for p in pipelines:
+        table.add_column(p.region, justify="right")
+    metric = pipelines[0].metric if pipelines else "recall@20"
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    rows = [
+        ("clean events", [f"{e.clean_rows:,}" for e in etl_reports]),
+        ("users", [f"{p.users:,}" for p in pipelines]),
+        ("items", [f"{p.items:,}" for p in pipelines]),
+        ("model version", [p.version or "none" for p in pipelines]),
+        (f"{metric}: model", [fmt(p.model_metric) for p in pipelines]),
+        (f"{metric}: popular", [fmt(p.popular_metric) for p in pipelines]),
+        ("promoted", ["[green]yes[/]" if p.promoted else "[yellow]no[/]" for p in pipelines]),
+        ("recs items in DynamoDB", [f"{p.recs_items:,}" for p in pipelines]),
+        ("key items in DynamoDB", [f"{p.synced.get('dynamodb_keys', 0):,}" for p in pipelines]),
+        ("rows in the warehouse", [f"{p.warehouse_rows:,}" for p in pipelines]),
+        ("pipeline seconds", [f"{p.seconds:.0f}" for p in pipelines]),
+    ]
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    return table
 
 
 def etl_table(reports: list) -> Table:  # list[EtlReport]

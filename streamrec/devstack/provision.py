@@ -44,6 +44,14 @@ def provision_region(settings: Settings, region_name: str) -> ProvisionResult:
     dynamodb = client("dynamodb", region_name, settings.aws)
     for spec in region_table_specs(region):
         _ensure_table(dynamodb, spec, result)
+    # Superseded model versions' recs expire: the sync step writes expires_at (epoch seconds) on each.
+    ttl = dynamodb.describe_time_to_live(TableName=region.tables.recs)["TimeToLiveDescription"]
+    if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+        dynamodb.update_time_to_live(TableName=region.tables.recs, TimeToLiveSpecification={
+            "Enabled": True, "AttributeName": "expires_at"})
+        result.created.append(f"dynamodb-ttl:{region.tables.recs}.expires_at")
+    else:
+        result.existing.append(f"dynamodb-ttl:{region.tables.recs}.{ttl.get('AttributeName')}")
     s3 = client("s3", region_name, settings.aws)
     for bucket in _buckets(region_name, region):
         _ensure_bucket(s3, bucket, region_name, result)

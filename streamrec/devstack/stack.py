@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from streamrec.devstack.moto_server import MotoLauncher
-from streamrec.devstack.postgres import PostgresLauncher, dsn
+from streamrec.devstack.postgres import PostgresLauncher, create_database, dsn
 from streamrec.devstack.process import DevStackError
 from streamrec.devstack.provision import provision_region
 from streamrec.devstack.redis_server import RedisLauncher
@@ -92,6 +92,8 @@ def up(
         write_state(state)  # record each server at once, so `down` can stop it if a later one fails
         step(f"{name}: started, pid {handle.pid}, {handle.url}")
 
+    for region in region_names:  # each region's warehouse is its own database, as in AWS
+        create_database(state.services["postgres"], warehouse_database(region))
     document = _settings_document(region_names, shard_count, root, state.services)
     state.config_path.write_text(
         "# Written by `streamrec dev up`; rewritten on every run. Streamrec commands load it when\n"
@@ -161,6 +163,11 @@ def _placeholder_services(state_dir: Path) -> dict[str, ServiceHandle]:
     }
 
 
+def warehouse_database(region: str) -> str:
+    """The local stand-in for a region's Redshift database: ``streamrec_us_east_1``."""
+    return "streamrec_" + region.replace("-", "_")
+
+
 def _settings_document(
     regions: tuple[str, ...], shard_count: int, lake_root: str, services: dict[str, ServiceHandle]
 ) -> dict[str, Any]:
@@ -172,7 +179,7 @@ def _settings_document(
                 "shard_count": shard_count,
                 # Every region shares db 0: online-feature keys carry the region.
                 "redis_url": f"{services['redis'].url}/0",
-                "warehouse_dsn": services["postgres"].url,
+                "warehouse_dsn": dsn(services["postgres"].port, warehouse_database(name)),
             }
         )
         region_docs[name] = region.model_dump(mode="json")

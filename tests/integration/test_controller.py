@@ -66,6 +66,7 @@ class FakeStages:
 
     sync_failures: int = 0
     calls: list[str] = field(default_factory=list)
+    recorded: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
     def sync(self, settings: Settings, spec: RunSpec, done: Mapping[str, StageResult]) -> StageResult:
         self.calls.append("sync")
@@ -79,6 +80,11 @@ class FakeStages:
         self.calls.append("promote")
         return StageResult("promote", {"promoted": True, "version": done["train"].outputs["version"]},
                            "promoted (fake)")
+
+    def record(self, settings: Settings, spec: RunSpec, done: Mapping[str, StageResult], phase: str,
+               started: datetime, finished: datetime) -> None:
+        """Stands in for the warehouse's pipeline_runs upsert (tested on PostgreSQL elsewhere)."""
+        self.recorded.append((spec.run_id, phase, sorted(done)))
 
     def etl_result(self, settings: Settings, spec: RunSpec) -> StageResult:
         self.calls.append("etl_result")
@@ -152,7 +158,7 @@ def make_controller(emulator: Any, settings: Settings, fakes: FakeStages,
     return Controller(settings, kube=KubeClient(client.ApiClient(config)),
                       emr_client=(lambda region: emr) if emr is not None else None,
                       stage_functions={**STAGE_FUNCTIONS, "sync": fakes.sync, "promote": fakes.promote},
-                      etl_result=fakes.etl_result)
+                      etl_result=fakes.etl_result, record=fakes.record)
 
 
 @contextlib.asynccontextmanager
@@ -318,6 +324,8 @@ async def test_a_run_creates_its_children_in_order_and_succeeds(emulator: Any, t
     assert condition(emulator, run, "Ready")["status"] == "True"
     assert condition(emulator, run, "Failed")["status"] == "False"
     assert fakes.calls == ["etl_result", "sync", "sync", "promote"]
+    # The finished run was recorded in the warehouse once, with every stage's result.
+    assert fakes.recorded == [("us-east-1-2026-11-25", "Succeeded", ["etl", "promote", "score", "sync", "train"])]
     assert posts(emulator, SPARKAPPS) == [child_name(run, "etl", 1, j) for j in ("clean", "features", "keys")]
     assert posts(emulator, RAYJOBS) == [f"{run}-train-1", f"{run}-score-1"]
     assert {"StageStarted", "StageRetrying", "StageSucceeded"} <= set(events(emulator, run))
@@ -330,7 +338,8 @@ async def test_a_failing_child_is_retried_then_the_run_fails(emulator: Any, tmp_
     Failed for good (max_attempts 2), with the reason in its Failed condition."""
     settings = make_settings(f"file://{tmp_path / 'lake'}")
     run = "us-east-1-2026-11-24"
-    async with operator(emulator, make_controller(emulator, settings, FakeStages())):
+    fakes = FakeStages()
+    async with operator(emulator, make_controller(emulator, settings, fakes)):
         spec = await create_run(emulator, run, date="2026-11-24", stages=["train"])
         await until(lambda: get(emulator, RAYJOBS, f"{run}-train-1"), "attempt 1")
         finish_rayjob(emulator, settings, spec, f"{run}-train-1", None)
@@ -353,6 +362,7 @@ async def test_a_failing_child_is_retried_then_the_run_fails(emulator: Any, tmp_
     assert condition(emulator, run, "Ready")["status"] == "False"
     assert posts(emulator, RAYJOBS) == [f"{run}-train-1", f"{run}-train-2"]
     assert "StageFailed" in events(emulator, run)
+    assert fakes.recorded == [(run, "Failed", [])]
     assert_status_valid(emulator, run)
     assert_no_server_errors(emulator)
 

@@ -21,6 +21,7 @@ from streamrec.devstack import stack
 from streamrec.devstack.process import DevStackError, pid_alive, wait_until
 from streamrec.devstack.provision import lake_bucket_name
 from streamrec.devstack.redis_server import RedisLauncher
+from streamrec.devstack.stack import warehouse_database
 from streamrec.devstack.service import ServiceHandle
 from streamrec.devstack.state import read_state
 from streamrec.settings import Settings, load_settings
@@ -60,7 +61,8 @@ def test_up_starts_servers_and_provisions_each_region(stack_dir: Path) -> None:
     for name in REGIONS:
         region = settings.region(name)
         assert region.redis_url == f"{services['redis'].url}/0"
-        assert region.warehouse_dsn == services["postgres"].url
+        # Each region's warehouse is a database of its own (regions share nothing).
+        assert region.warehouse_dsn == f"{services['postgres'].url.rsplit('/', 1)[0]}/{warehouse_database(name)}"
         assert region.lake_uri == f"file://{stack_dir.resolve()}/lake/{name}"
         assert (stack_dir / "lake" / name).is_dir()
 
@@ -78,7 +80,7 @@ def test_up_starts_servers_and_provisions_each_region(stack_dir: Path) -> None:
     with redis.Redis.from_url(settings.region("us-east-1").redis_url) as r:
         assert r.ping() is True
     with psycopg.connect(settings.region("eu-west-1").warehouse_dsn) as conn:
-        assert conn.execute("SELECT 1, current_database()").fetchone() == (1, "streamrec")
+        assert conn.execute("SELECT 1, current_database()").fetchone() == (1, "streamrec_eu_west_1")
 
 
 def test_status_reports_every_service_healthy(stack_dir: Path) -> None:

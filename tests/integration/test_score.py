@@ -58,6 +58,7 @@ REGION = "eu-west-1"
 UNPROMOTED = "eu-central-1"  # has features but no promoted model
 OLD_HASHING = "v-old-hashing"
 DAY = date(2026, 11, 25)
+NEXT_DAY = DAY + timedelta(days=1)
 END_OF_DAY = datetime(2026, 11, 26, tzinfo=UTC)
 N_ITEMS, N_USERS, TOP_K = 300, 400, 20
 USER_FILES = 3
@@ -119,8 +120,8 @@ def users_table(rows: list[dict[str, Any]]) -> pa.Table:
     })
 
 
-def write_features(lake: Path, region: str, users: pa.Table, items: pa.Table) -> None:
-    base = lake / "features" / f"region={region}" / f"dt={DAY.isoformat()}"
+def write_features(lake: Path, region: str, users: pa.Table, items: pa.Table, day: date = DAY) -> None:
+    base = lake / "features" / f"region={region}" / f"dt={day.isoformat()}"
     for name in ("users", "items"):
         (base / name).mkdir(parents=True, exist_ok=True)
     step = -(-users.num_rows // USER_FILES)
@@ -195,6 +196,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
                                "purchased_items": buyer_bought, "device": "mobile"})
     users = users_table(rows)
     write_features(lake, REGION, users, items)
+    write_features(lake, REGION, users, items, NEXT_DAY)  # the same tables, scored with default blocks
     write_features(lake, UNPROMOTED, users, items)
 
     buf = io.BytesIO()
@@ -231,8 +233,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return World(lake, settings, config_file, model, index, published.version, users, popular, buyer_bought)
 
 
-def recs_folder(world: World, region: str = REGION) -> Path:
-    return world.lake / "recs" / f"region={region}" / f"dt={DAY.isoformat()}" / f"model_version={world.version}"
+def recs_folder(world: World, region: str = REGION, day: date = DAY) -> Path:
+    partition = world.lake / "recs" / f"region={region}" / f"dt={day.isoformat()}"
+    return partition / f"model_version={world.version}"
 
 
 def read_recs(folder: Path) -> pa.Table:
@@ -379,3 +382,20 @@ def test_cli_rerun_replaces_the_folder_with_the_same_files(world: World, first_r
     assert again is not None and again != first_run, "a new marker"
     assert (again.users, again.model_scored, again.files) == (first_run.users, first_run.model_scored,
                                                             first_run.files)
+
+
+def test_default_blocks_feed_every_actor_and_change_no_row(world: World, first_run: ScoreSummary) -> None:
+    """Without rows_per_block the users table is cut into equal blocks of at most score.batch_size rows,
+    a multiple of the actor count (401 users, batches of 32, 2 actors: 14 blocks of 29, so 14 actor tasks
+    and files), not left in Ray Data's read blocks (which keep a one-file table in one block: one busy
+    actor); the rows are the same as with any cut."""
+    summary = score(world.settings, REGION, NEXT_DAY)
+    assert summary.params["rows_per_block"] == 29
+    assert sorted(f["rows"] for f in summary.files) == [24] + [29] * 13
+    got = read_recs(recs_folder(world, day=NEXT_DAY))
+    before = read_recs(recs_folder(world))
+    assert set(got.column("generated_at").to_pylist()) == {END_OF_DAY + timedelta(days=1)}
+    for name in ("user_id", "item_ids", "source", "model_version"):
+        assert got.column(name).equals(before.column(name)), name
+    for a, b in zip(got.column("scores").to_pylist(), before.column("scores").to_pylist()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

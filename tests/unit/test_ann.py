@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pytest
 
@@ -147,6 +150,91 @@ def test_small_catalogue_pads_when_too_few_items_remain() -> None:
     got_ids, got_scores = index.search(_normalise(rng.normal(size=(1, 4))), 10, exclude=[ids[:15]])
     assert sorted(got_ids[0, :5]) == ids[15:]
     assert list(got_ids[0, 5:]) == [""] * 5 and np.isneginf(got_scores[0, 5:]).all()
+
+
+def _per_row_reference(index: AnnIndex, q: np.ndarray, k: int,
+                       exclude: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Each query searched ALONE for all items, its exclusions dropped in Python: what the vectorised
+    exclusion must reproduce (on an exact index)."""
+    position = {item: i for i, item in enumerate(index.item_ids)}
+    out_pos = np.full((len(q), k), -1, dtype=np.int64)
+    out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    for b in range(len(q)):
+        scores, pos = index._raw_search(q[b:b + 1], len(index), effort=1, exhaustive=True)
+        banned = {position[i] for i in (exclude[b] or []) if i in position}
+        keep = [c for c in range(pos.shape[1]) if pos[0, c] >= 0 and pos[0, c] not in banned][:k]
+        out_pos[b, :len(keep)], out_scores[b, :len(keep)] = pos[0, keep], scores[0, keep]
+    return out_pos, out_scores
+
+
+def _as_arrow(exclude: list[Any]) -> pa.Array:
+    return pa.array([None if e is None else list(e) for e in exclude], pa.list_(pa.string()))
+
+
+def test_vectorised_exclusion_matches_a_per_row_filter_on_edge_cases() -> None:
+    """One batch mixing every case: no exclusions (None, empty), unknown ids, duplicates, null ids, a
+    row whose exclusions remove every item, rows left with fewer than k items, and an exclusion list
+    longer than k. Python lists and the Arrow list column (how scoring passes it) agree with the
+    reference, and with each row searched on its own."""
+    rng = np.random.default_rng(11)
+    n, k = 30, 8
+    ids = np.array([f"i{i:02d}" for i in range(n)], dtype=object)
+    index = build_index(ids, _normalise(rng.normal(size=(n, 6))), kind="exact")
+    q = _normalise(rng.normal(size=(9, 6)))
+    exclude: list[Any] = [
+        None,                                   # nothing
+        [],                                     # nothing either
+        ["nope", "", None],                     # unknown, empty and null ids: ignored
+        [ids[3], ids[3], ids[3], ids[7]],       # duplicates: excluded once, still k results
+        list(ids),                              # every item: a row of padding
+        list(ids[:25]),                         # 5 items left < k: padded after them
+        list(ids[5:20]),                        # longer than k
+        [ids[0]],
+        list(ids[:22]) + ["nope"],              # exactly k left
+    ]
+    want_pos, want_scores = _per_row_reference(index, q, k, exclude)
+    for form in (exclude, _as_arrow(exclude)):
+        pos, scores = index.search_positions(q, k, form)
+        np.testing.assert_array_equal(pos, want_pos)
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+    assert (pos[4] == -1).all() and np.isneginf(scores[4]).all(), "all excluded: nothing left"
+    assert (pos[5, :5] >= 0).all() and (pos[5, 5:] == -1).all()
+    assert (pos[[0, 1, 2, 3, 6, 7, 8]] >= 0).all(), "everyone else gets k items"
+    for b in range(len(q)):  # a batch gives what each query alone gives
+        alone, _ = index.search_positions(q[b:b + 1], k, [exclude[b]])
+        np.testing.assert_array_equal(alone[0], pos[b])
+    got_ids, _ = index.search(q, k, exclude)
+    assert list(got_ids[4]) == [""] * k and set(got_ids[3]).isdisjoint({ids[3], ids[7]})
+
+
+def test_exclusion_forms_agree_sliced_and_chunked(catalogue: tuple[np.ndarray, np.ndarray],
+                                                 queries: np.ndarray) -> None:
+    """Arrow exclusions as scoring gets them from Ray Data: slices of chunked columns (offsets not at 0)."""
+    ids, x = catalogue[0][:2_000], catalogue[1][:2_000]
+    index = build_index(ids, x, kind="exact")
+    rng = np.random.default_rng(5)
+    exclude = [None if b % 4 == 0 else list(rng.choice(ids, size=int(rng.integers(0, 30))))
+               for b in range(120)]
+    arrow = _as_arrow(exclude)
+    chunked = pa.chunked_array([arrow.slice(0, 50), arrow.slice(50)])
+    want = index.search_positions(queries[:100], 50, exclude[20:])
+    for form in (chunked.slice(20, 100), arrow.slice(20, 100), chunked.slice(20, 100).combine_chunks()):
+        got = index.search_positions(queries[:100], 50, form)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert pc.list_value_length(arrow.slice(20, 100)).to_pylist()[1] == len(exclude[21] or [])
+    mapped = index.item_ids_arrow.take(pa.array(want[0][0]))
+    assert mapped.to_pylist() == list(ids[want[0][0]]), "positions map to ids through item_ids_arrow"
+
+
+def test_exclusion_inputs_are_validated() -> None:
+    x = _normalise(np.random.default_rng(0).normal(size=(3, 4)))
+    index = build_index(["a", "b", "c"], x)
+    with pytest.raises(ValueError, match="exclude has 2 entries for 1 queries"):
+        index.search_positions(x[:1], 1, _as_arrow([["a"], []]))
+    with pytest.raises(TypeError, match="Arrow list array"):
+        index.search_positions(x[:1], 1, pa.array(["a"]))
+    assert index.search_positions(x[:0], 2, [])[0].shape == (0, 2)
 
 
 @pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])

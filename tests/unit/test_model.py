@@ -16,6 +16,8 @@ from ray_apps.encoding import encode_examples, encode_items, encode_users, examp
 from ray_apps.model import (
     TwoTowerConfig,
     TwoTowerModel,
+    _mean_pool,
+    _mean_pool_ids,
     as_tensors,
     in_batch_logits,
     in_batch_softmax_loss,
@@ -159,8 +161,103 @@ def test_padding_is_ignored_and_an_empty_history_falls_back_to_context(pooling: 
     assert not torch.allclose(empty[0], empty[1])  # rows 0 and 1 have different contexts
 
 
-def test_bf16_autocast_keeps_float32_unit_outputs_and_a_finite_loss() -> None:
-    model = TwoTowerModel(TINY.model_copy(update={"pooling": "attention"}))
+# --------------------------------------------------------------------------- pooling from ids (embedding_bag)
+
+
+def _gathered_user_vectors(model: TwoTowerModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The user tower the way it pooled before embedding_bag: vectors gathered into [B, N, D], masked."""
+    history = batch["history"]
+    return model.user_tower(model.history_embedding(history), history != 0, batch["region"], batch["device"],
+                            batch["hour"], batch.get("user_id"))
+
+
+def _histories_with_edge_cases(config: TwoTowerConfig) -> torch.Tensor:
+    """Hashed ids of real item-id strings (9 names into the id table's buckets: with 8 buckets, 7 usable,
+    some collide), with an empty history, padding inside a history (a null id keeps its place), a full
+    row and one repeated item."""
+    names = [f"item-{i:03d}" for i in range(40)]
+    histories = [[], names[:3], [names[4], None, names[5]], names[:config.history_length], [names[7]] * 4,
+                 names[10:12], [None, None]]
+    encoded = encode_users(histories, "eu-west-1", "mobile", 9, config=config)
+    return torch.as_tensor(encoded["history"])
+
+
+@pytest.mark.parametrize("user_buckets", [0, 64])
+def test_mean_pooling_by_embedding_bag_equals_the_masked_mean_of_gathered_vectors(user_buckets: int) -> None:
+    config = TINY.model_copy(update={"id_buckets": 8, "user_buckets": user_buckets, "history_length": 6})
+    model = TwoTowerModel(config).eval()
+    history = _histories_with_edge_cases(config)
+    assert (history == 0).all(dim=1).any() and ((history == 0) & (history.cumsum(1) > 0)).any()
+    assert len(set(history[history > 0].tolist())) < 9, "hashed ids collide"
+    table = model.item_id_embedding.weight
+    with torch.no_grad():
+        fused = _mean_pool_ids(history, table)
+        gathered = _mean_pool(table[history], history != 0)
+        assert fused.dtype == torch.float32
+        assert_close(fused, gathered, tol=1e-6)
+        assert torch.equal(fused[0], torch.zeros(config.embedding_dim)), "an empty history pools to zeros"
+        assert torch.equal(fused[-1], torch.zeros(config.embedding_dim)), "so does a history of null ids"
+        assert_close(fused[4], table[history[4, 0]], tol=1e-6)  # one item four times: that item
+        # The whole tower, with and without user ids, against the gathered path.
+        batch = _batch(config, size=len(history))
+        batch["history"] = history
+        assert_close(model.user_embeddings(batch), _gathered_user_vectors(model, batch), tol=1e-6)
+        no_columns = {**batch, "history": torch.zeros(len(history), 0, dtype=torch.long)}
+        assert_close(model.user_embeddings(no_columns), _gathered_user_vectors(model, no_columns), tol=1e-6)
+
+
+def test_embedding_bag_pooling_gives_the_gathered_paths_gradients() -> None:
+    """Training goes through the same function: the id table's gradient must match too, and the padding
+    row must get none."""
+    config = TINY.model_copy(update={"id_buckets": 8, "history_length": 6})
+    history = _histories_with_edge_cases(config)
+    grads = []
+    for pool in ("fused", "gathered"):
+        model = TwoTowerModel(config)
+        table = model.item_id_embedding.weight
+        if pool == "fused":
+            pooled = _mean_pool_ids(history, table)
+        else:
+            pooled = _mean_pool(table[history], history != 0)
+        weights = torch.arange(pooled.numel(), dtype=torch.float32).reshape(pooled.shape) / pooled.numel()
+        (pooled * weights).sum().backward()
+        grads.append(table.grad)
+    assert_close(grads[0], grads[1], tol=1e-6)
+    assert torch.equal(grads[0][0], torch.zeros(config.embedding_dim)), "padding row untouched"
+
+
+def test_attention_pooling_is_unchanged_by_the_id_path() -> None:
+    config = TINY.model_copy(update={"pooling": "attention", "user_buckets": 64})
+    model = TwoTowerModel(config).eval()
+    batch = _batch(config, size=7)
+    batch["history"] = _histories_with_edge_cases(config)
+    with torch.no_grad():
+        assert torch.equal(model.user_embeddings(batch), _gathered_user_vectors(model, batch))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_state_dict_keys_are_those_published_models_carry(pooling: str) -> None:
+    """Pooling by ids adds no parameter: versions published before it load as they are."""
+    model = TwoTowerModel(TINY.model_copy(update={"pooling": pooling, "user_buckets": 64}))
+    common = ["item_id_embedding.weight", "item_tower.category_embedding.weight",
+              "item_tower.popularity_embedding.weight", "item_tower.mlp.0.weight", "item_tower.mlp.0.bias",
+              "item_tower.mlp.3.weight", "item_tower.mlp.3.bias"]
+    user = ["user_tower.region_embedding.weight", "user_tower.device_embedding.weight",
+            "user_tower.hour_embedding.weight", "user_tower.user_id_embedding.weight"]
+    attention = ["user_tower.query_from_context.weight", "user_tower.query_from_context.bias",
+                 "user_tower.key.weight"]
+    mlp = ["user_tower.mlp.0.weight", "user_tower.mlp.0.bias", "user_tower.mlp.3.weight",
+           "user_tower.mlp.3.bias"]
+    expected = (common + ["user_tower.query"] + user + attention + mlp if pooling == "attention"
+                else common + user + mlp)
+    assert list(model.state_dict()) == expected
+    again = TwoTowerModel(model.config)
+    again.load_state_dict(model.state_dict())  # strict
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_bf16_autocast_keeps_float32_unit_outputs_and_a_finite_loss(pooling: str) -> None:
+    model = TwoTowerModel(TINY.model_copy(update={"pooling": pooling}))
     batch = _batch(model.config)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         users, loss = model.user_embeddings(batch), model(batch)
@@ -171,8 +268,9 @@ def test_bf16_autocast_keeps_float32_unit_outputs_and_a_finite_loss() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_runs_on_cuda() -> None:
-    model = TwoTowerModel(TINY.model_copy(update={"pooling": "attention"})).to("cuda")
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_runs_on_cuda(pooling: str) -> None:
+    model = TwoTowerModel(TINY.model_copy(update={"pooling": pooling})).to("cuda")
     batch = {name: value.to("cuda") for name, value in _batch(model.config).items()}
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
         loss = model(batch)

@@ -21,6 +21,7 @@ from ray_apps.score import (
     PopularList,
     ScoreSummary,
     default_generated_at,
+    default_rows_per_block,
     recommend_batch,
     user_vectors,
 )
@@ -172,6 +173,69 @@ def test_small_catalogue_gives_short_lists_without_padding(model: TwoTowerModel)
     assert sorted(out[0]["item_ids"]) == sorted([ids[0], ids[2], ids[3]])
     assert len(out[0]["scores"]) == 3 and all(np.isfinite(out[0]["scores"]))
     assert out[1]["item_ids"] == ["p1", "p2"]
+
+
+def test_a_mixed_batch_row_by_row(model: TwoTowerModel, vectors: np.ndarray, index: AnnIndex) -> None:
+    """Warm and cold users, buyers and not, null and duplicate purchases in one batch, split over several
+    Arrow chunks (as Ray Data hands them): every row is what the rules give for that user alone."""
+    popular = list(POPULAR.item_ids)
+    rows = [
+        {"user_id": "warm", "last_items": ITEMS[1:4]},
+        {"user_id": "cold", "last_items": []},
+        {"user_id": "warm-buyer", "last_items": ITEMS[8:12],
+         "purchased_items": [ITEMS[30], ITEMS[30], "gone"]},
+        {"user_id": "cold-buyer", "last_items": None,
+         "purchased_items": [popular[1], popular[1], popular[11]]},
+        {"user_id": "null-purchases", "last_items": ITEMS[2:3], "purchased_items": None},
+        {"user_id": "cold-null-purchases", "last_items": [], "purchased_items": None},
+        {"user_id": "bought-everything", "last_items": ITEMS[:2], "purchased_items": ITEMS[:55]},
+    ]
+    table = users_table(rows)
+    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 3), table.slice(5)])
+    assert chunked.column("purchased_items").num_chunks == 3
+    out = run(chunked, model, index)
+    assert out.equals(run(table, model, index)), "chunking changes nothing"
+    got = {r["user_id"]: r for r in out.to_pylist()}
+    assert [r["user_id"] for r in out.to_pylist()] == [r["user_id"] for r in rows]
+    for row in rows:
+        bought = set(row.get("purchased_items") or [])
+        result = got[row["user_id"]]
+        if row["last_items"]:
+            want, want_scores = brute_force(model, vectors, row["last_items"], "mobile", 10, exclude=bought)
+            assert result["source"] == "model" and result["item_ids"] == want, row["user_id"]
+            np.testing.assert_allclose(result["scores"], want_scores, atol=1e-5)
+        else:
+            keep = [i for i, item in enumerate(popular) if item not in bought][:10]
+            assert result["source"] == "popular", row["user_id"]
+            assert result["item_ids"] == [popular[i] for i in keep]
+            np.testing.assert_allclose(result["scores"], [POPULAR.scores[i] for i in keep])
+    assert len(got["bought-everything"]["item_ids"]) == 5, "60 items, 55 bought: 5 left, no padding"
+    assert len(got["cold-buyer"]["item_ids"]) == 10, "12 popular, 2 distinct bought: still 10"
+
+
+def test_a_batch_of_cold_users_only(model: TwoTowerModel, index: AnnIndex) -> None:
+    table = users_table([{"user_id": "a"}, {"user_id": "b", "purchased_items": list(POPULAR.item_ids)}])
+    out = run(table, model, index).to_pylist()
+    assert out[0]["item_ids"] == list(POPULAR.item_ids[:10]) and out[1]["item_ids"] == []
+    assert out[1]["scores"] == [] and out[1]["source"] == "popular"
+    empty_popular = run(table, model, index, popular=PopularList((), ())).to_pylist()
+    assert [r["item_ids"] for r in empty_popular] == [[], []]
+
+
+def test_default_rows_per_block_gives_every_actor_equal_work() -> None:
+    for users, batch, actors in [(100_000, 4096, 2), (5_000, 4096, 2), (401, 32, 2), (4096 * 6, 4096, 3),
+                                 (10, 4096, 4), (3, 4096, 4), (1, 16, 2), (1_000_003, 4096, 7)]:
+        rows = default_rows_per_block(users, batch, actors)
+        blocks = -(-users // rows)
+        assert 1 <= rows <= batch, (users, batch, actors)
+        assert blocks >= min(users, actors), "every actor gets a block (when there are enough users)"
+        assert users - (blocks - 1) * rows >= rows - blocks, "the last block is not much shorter"
+    assert default_rows_per_block(100_000, 4096, 2) == 3_847  # 26 blocks, 13 per actor
+    assert default_rows_per_block(5_000, 4096, 2) == 2_500
+    assert default_rows_per_block(4096 * 6, 4096, 3) == 4096
+    assert default_rows_per_block(0, 4096, 2) == 1
+    with pytest.raises(ValueError, match="concurrency"):
+        default_rows_per_block(10, 4096, 0)
 
 
 def test_every_ray_batch_format_gives_the_same_table(model: TwoTowerModel, index: AnnIndex) -> None:
