@@ -354,6 +354,7 @@ async def test_a_failing_child_is_retried_then_the_run_fails(emulator: Any, tmp_
         finish_rayjob(emulator, settings, spec, f"{run}-train-2", None)
 
         await until(lambda: status(emulator, run).get("phase") == "Failed", "the run to fail")
+        await until(lambda: "StageFailed" in events(emulator, run), "the StageFailed event")
         failed = condition(emulator, run, "Failed")
 
     assert (failed["status"], failed["reason"]) == ("True", "AttemptsExhausted")
