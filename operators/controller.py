@@ -92,11 +92,15 @@ _EMR_ACTIVE = ("PENDING", "SUBMITTED", "RUNNING")
 class KubeClient:
     """The few custom-object calls the controller makes, on the official client (synchronous: the
     controller calls it through ``asyncio.to_thread``). Without ``api_client`` it uses the client's
-    default configuration, which kopf's ``login_via_client`` sets (in-cluster, else kubeconfig)."""
+    default configuration, which kopf's ``login_via_client`` sets (in-cluster, else kubeconfig).
 
-    def __init__(self, api_client: Any | None = None) -> None:
+    Every call has a (connect, read) timeout: the client's default is none, and a call stuck on a dead
+    connection would hold its worker thread, and the operator's shutdown, forever."""
+
+    def __init__(self, api_client: Any | None = None, request_timeout: tuple[float, float] = (5.0, 30.0)) -> None:
         self._api_client = api_client
         self._api: Any = None
+        self.request_timeout = request_timeout
 
     @property
     def api(self) -> Any:
@@ -116,7 +120,8 @@ class KubeClient:
 
         group, version = self._split(api_version)
         try:
-            return self.api.get_namespaced_custom_object(group, version, namespace, plural, name)
+            return self.api.get_namespaced_custom_object(group, version, namespace, plural, name,
+                                                   _request_timeout=self.request_timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -129,7 +134,8 @@ class KubeClient:
         group, version = self._split(api_version)
         try:
             self.api.create_namespaced_custom_object(group, version, namespace, plural, dict(body),
-                                                     field_validation="Strict")
+                                                     field_validation="Strict",
+                                                     _request_timeout=self.request_timeout)
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -143,7 +149,8 @@ class KubeClient:
         group, version = self._split(api_version)
         try:
             self.api.delete_namespaced_custom_object(group, version, namespace, plural, name,
-                                                     propagation_policy="Background")
+                                                     propagation_policy="Background",
+                                                     _request_timeout=self.request_timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -157,7 +164,8 @@ class KubeClient:
         group, version = self._split(api_version)
         try:
             found = self.api.list_namespaced_custom_object(group, version, namespace, plural,
-                                                           label_selector=selector)
+                                                           label_selector=selector,
+                                                           _request_timeout=self.request_timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return []
@@ -178,7 +186,8 @@ class KubeClient:
         group, version = self._split(api_version)
         try:
             return self.api.patch_namespaced_custom_object_status(group, version, namespace, plural, name,
-                                                                  {"status": dict(patch)})
+                                                                  {"status": dict(patch)},
+                                                                  _request_timeout=self.request_timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return None
