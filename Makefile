@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 EXTRAS := spark,ray,operators,dev,bench
 PYTEST_ARGS ?=
 
-.PHONY: help demo test deps system-deps bench-ingest bench-etl bench-quality bench-train bench-score bench-serve diagrams bench-report clean
+.PHONY: help demo test deps system-deps bench-ingest bench-etl bench-quality bench-train bench-score bench-serve bench-sync diagrams bench-report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench-score: deps  ## Ray Data scoring users/s against raw index search
 
 bench-serve: deps  ## Ray Serve latency and throughput against a plain FastAPI + Redis GET app
 	$(PY) -m benchmarks.serve
+
+bench-sync: deps  ## DynamoDB sync items/s (and backoff share under throttling) against a sequential BatchWriteItem loop
+	$(PY) -m benchmarks.sync
 
 # The docs extra (diagrams, matplotlib) is installed on demand: `make test` and CI never need Graphviz.
 diagrams: $(STAMP)  ## regenerate the design diagrams (docs/diagrams/*.png) from their Python sources

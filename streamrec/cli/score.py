@@ -36,7 +36,8 @@ def run(
         "write the same rows).", show_default=False)] = None,
     rows_per_block: Annotated[Optional[int], typer.Option(
         min=1, help="Re-cut the users table into blocks of this many rows (one actor task and one output "
-        "file each); default: Ray Data's read blocks.", show_default=False)] = None,
+        "file each); default: equal blocks of at most score.batch_size rows, a multiple of "
+        "score.concurrency of them, so every actor gets work.", show_default=False)] = None,
     config: ConfigOption = None,
 ) -> None:
     """Score every user of the day's users table and replace recs/region=R/dt=D/model_version=V/.
