@@ -72,10 +72,20 @@ class Retriever:
             if version == self.version:
                 return False
             loaded = load_version(self.registry, version)  # may take seconds; the old one keeps serving
+            self._warm_up(loaded)
             previous = self.version
             self._active = loaded  # the swap: one reference assignment
         logger.info("model version %s active (was %s)", version, previous)
         return True
+
+    def _warm_up(self, loaded: LoadedVersion) -> None:
+        """Run the real-time path on the new version before it serves: PyTorch's first forward pass
+        (allocator, thread pool, kernel selection) and the index's first search take far longer than the
+        real-time step's budget (serve.realtime_timeout_ms), so without this the first clicks after a
+        start or a swap would fall back to popularity."""
+        history = list(loaded.positions)[:1]
+        for _ in range(3):
+            loaded.index.search(_user_vector(loaded, self.region, history, None), 10, exclude=[history])
 
     def _current(self) -> LoadedVersion:
         active = self._active
@@ -87,13 +97,8 @@ class Retriever:
                   hour: int | None = None) -> tuple[list[str], list[float], str]:
         """Top ``k`` items for a user known only by their recent items (oldest first): the user tower
         on that history, then the ANN index, leaving out ``exclude``."""
-        import torch
-
         active = self._current()
-        model = active.model
-        encoded = encode_users([list(history)], self.region, None, hour, None, config=model.config)
-        with torch.inference_mode():
-            vector = model.user_embeddings(as_tensors(encoded, "cpu")).float().numpy()
+        vector = _user_vector(active, self.region, history, hour)
         return _first_row(*active.index.search(vector, k, exclude=[list(exclude)]), active.version)
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float], str]:
@@ -105,6 +110,15 @@ class Retriever:
             raise KeyError(item_id)
         return _first_row(*active.index.search(active.embeddings[row: row + 1], k, exclude=[[item_id]]),
                           active.version)
+
+
+def _user_vector(loaded: LoadedVersion, region: str, history: Sequence[str], hour: int | None) -> np.ndarray:
+    """The user tower's vector (1 x dim) for a user known only by their recent items."""
+    import torch
+
+    encoded = encode_users([list(history)], region, None, hour, None, config=loaded.model.config)
+    with torch.inference_mode():
+        return loaded.model.user_embeddings(as_tensors(encoded, "cpu")).float().numpy()
 
 
 def _first_row(ids: np.ndarray, scores: np.ndarray, version: str) -> tuple[list[str], list[float], str]:
