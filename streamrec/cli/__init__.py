@@ -7,6 +7,7 @@ the command that needs it.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import typer
@@ -31,6 +32,25 @@ app.add_typer(serve.app, name="serve")
 app.add_typer(pipeline.app, name="pipeline")
 app.add_typer(operator.app, name="operator")
 app.command("demo")(demo.demo)
+
+
+def _unwrap(doc: str) -> str:
+    """A docstring as help text: paragraphs kept, the line breaks inside each removed (typer keeps
+    them after the first paragraph, which leaves ragged lines at any terminal width)."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = _unwrap(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrap_help(group.typer_instance)
+
+
+_unwrap_help(app)
 
 
 def main() -> None:
