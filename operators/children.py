@@ -392,7 +392,7 @@ def spark_application(settings: Settings, spec: RunSpec, run: RunRef, child: Chi
         "cores": emr.executor_cores,
         "memory": emr.executor_memory,
         "instances": max(emr.min_executors, 1),
-        "tolerations": [dict(t) for t in pipeline.rayjob.tolerations],
+        "tolerations": [dict(t) for t in emr.tolerations],  # the R5 node group's taint, as on EMR
     }
     selector = _node_selector(emr.node_selector)
     if selector:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from operators import metrics
 from operators.children import (
     EMR_JOB_RUN,
     KUBE_KINDS,
@@ -74,6 +75,7 @@ from operators.stages import (
     record_run,
     write_result,
 )
+from spark_etl.emr import upload_pod_template
 from streamrec.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -246,6 +248,7 @@ class Controller:
         self.kube = kube or KubeClient()
         self._emr_factory = emr_client or self._default_emr_client
         self._emr_clients: dict[str, Any] = {}
+        self._s3_clients: dict[str, Any] = {}
         self.stage_functions = dict(stage_functions or STAGE_FUNCTIONS)
         self.etl_result = etl_result
         self.clock = clock
@@ -264,6 +267,13 @@ class Controller:
         if region not in self._emr_clients:
             self._emr_clients[region] = self._emr_factory(region)
         return self._emr_clients[region]
+
+    def s3(self, region: str) -> Any:
+        if region not in self._s3_clients:
+            from streamrec.aws import client
+
+            self._s3_clients[region] = client("s3", region, self.settings.aws)
+        return self._s3_clients[region]
 
     def _lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
@@ -293,7 +303,9 @@ class Controller:
             run = RunRef(name, namespace, str(meta.get("uid", "")))
             status: dict[str, Any] = dict(obj.get("status") or {})
             generation = meta.get("generation")
+            region = str((obj.get("spec") or {}).get("region") or "")
             if status.get("phase") in TERMINAL_PHASES:
+                metrics.run_seen_finished(region, status)
                 return Decision(status, {})
             try:
                 spec = RunSpec.from_manifest(obj.get("spec") or {})
@@ -301,7 +313,8 @@ class Controller:
                 settings = settings_for_run(self.settings, spec)
             except (SpecError, SettingsError) as exc:
                 decision = invalid(status, str(exc), self.clock(), generation)
-                await self._apply(obj, decision)
+                if await self._apply(obj, decision) and decision.status.get("phase") in TERMINAL_PHASES:
+                    metrics.run_finished(region, decision.status)
                 return decision
             observed = await self._observe(run, spec, status, settings, obj, generation)
             decision = Decision(status, {})
@@ -316,6 +329,7 @@ class Controller:
                 observed = replace(observed, results={**observed.results, **outcomes.results},
                                    failures={**observed.failures, **outcomes.failures})
             if decision.status.get("phase") in TERMINAL_PHASES:
+                metrics.run_finished(spec.region, decision.status)
                 await self._record(spec, settings, observed.results, decision.status, meta)
             return decision
 
@@ -361,6 +375,8 @@ class Controller:
                 return False
         for event in decision.events:
             self._post(obj, event)
+        metrics.events_posted(str((obj.get("spec") or {}).get("region") or ""),
+                              [event.reason for event in decision.events])
         return True
 
     def _post(self, obj: Mapping[str, Any], event: Event) -> None:
@@ -434,6 +450,8 @@ class Controller:
                 request = emr_request(settings, spec, run, child)
             except ValueError as exc:
                 return Failure(f"cannot build the EMR job run {child.name}: {exc}", permanent=True)
+            # The request names the pod template (the R5 tolerations) by its content hash: put it first.
+            await self._io(upload_pod_template, self.s3(spec.region), settings, spec.region)
             job_run = await self._io(lambda: self.emr(spec.region).start_job_run(**request))
             logger.info("started EMR job run %s (%s)", child.name, job_run.get("id"),
                         extra={"run": run.name, "stage": child.stage})
@@ -577,7 +595,11 @@ class Controller:
         (kopf calls again after its delay), and a failed run raises PermanentError from any handler."""
         import kopf
 
-        decision = await self.reconcile(namespace, name)
+        try:
+            decision = await self.reconcile(namespace, name)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
         if decision is None:
             return
         if decision.failed:
@@ -664,12 +686,15 @@ def build_registry(controller: Controller, *, login: Callable[..., Any] | None =
     return registry
 
 
-def run(settings: Settings, *, namespace: str, liveness_port: int = 8080,
+def run(settings: Settings, *, namespace: str, liveness_port: int = 8080, metrics_port: int | None = None,
         controller: Controller | None = None) -> None:
     """Run the controller until SIGINT/SIGTERM: standalone (one replica, no peering), watching
-    PipelineRuns in ``namespace``, liveness at ``http://0.0.0.0:<liveness_port>/healthz``."""
+    PipelineRuns in ``namespace``, liveness at ``http://0.0.0.0:<liveness_port>/healthz``, Prometheus
+    metrics at ``http://0.0.0.0:<metrics_port>/metrics`` (none when ``metrics_port`` is None)."""
     import kopf
 
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
     controller = controller or Controller(settings)
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings)

@@ -22,6 +22,12 @@ What the request runs
   CPU request of 90% of its cores and a fixed 10% memory overhead (see :func:`spark_conf` for why),
   dynamic allocation between ``emr.min_executors`` and ``emr.max_executors`` with shuffle tracking (EKS
   has no external shuffle service), and ``emr.node_selector`` on driver and executors;
+- ``emr.tolerations`` (the R5 node group's taint) on driver and executors through a pod template: Spark
+  has no property for tolerations, so :func:`pod_template` is uploaded by :func:`upload_pod_template`
+  to ``<lake>/emr/region=R/pod-templates/<content hash>.json`` before the run starts, and the request
+  names it in ``spark.kubernetes.{driver,executor}.podTemplateFile`` (EMR on EKS reads pod templates
+  from S3 with the job execution role). The name is the content's hash, so the upload is idempotent
+  and a run always gets the template of the settings it was built from;
 - ``settings.spark.conf`` on top, so a property set there wins over ours;
 - monitoring: the persistent Spark UI, driver/executor logs to ``emr.log_uri`` (S3) and to the CloudWatch
   group ``emr.cloudwatch_log_group`` under the prefix ``streamrec-etl/<region>/<job>``.
@@ -203,6 +209,38 @@ def spark_conf(settings: Settings) -> dict[str, str]:
     return conf
 
 
+def pod_template(emr: EmrSettings) -> dict[str, Any] | None:
+    """The pod template of driver and executors (the tolerations of ``emr.tolerations``); None when
+    there is nothing Spark properties cannot say."""
+    if not emr.tolerations:
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "spec": {"tolerations": [dict(t) for t in emr.tolerations]}}
+
+
+def pod_template_object(settings: Settings, region: str) -> tuple[str, bytes] | None:
+    """(s3 URI, body) of the region's pod template: JSON (which Spark's YAML reader reads), named by
+    its content hash under ``<lake>/emr/region=R/pod-templates/``; None without a template."""
+    template = pod_template(settings.emr)
+    if template is None:
+        return None
+    body = json.dumps(template, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.sha256(body).hexdigest()[:16]
+    lake_uri = settings.region(region).lake_uri.rstrip("/")
+    return f"{lake_uri}/emr/region={region}/pod-templates/{digest}.json", body
+
+
+def upload_pod_template(s3_client: Any, settings: Settings, region: str) -> str | None:
+    """Put the region's pod template (see :func:`pod_template_object`) and return its URI; a rerun puts
+    the same bytes under the same key. ``s3_client``: a boto3 S3 client."""
+    found = pod_template_object(settings, region)
+    if found is None:
+        return None
+    uri, body = found
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    s3_client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+    return uri
+
+
 def start_job_run_request(
     settings: Settings,
     region: str,
@@ -224,7 +262,11 @@ def start_job_run_request(
     if not lake_uri.startswith("s3://"):
         raise ValueError(f"regions.{region}.lake_uri: EMR reads and writes the lake on S3, so it must be "
                          f"s3://bucket/prefix, got {lake_uri!r}")
-    conf = spark_conf(settings)
+    template = pod_template_object(settings, region)
+    # Pod templates first, so settings.spark.conf (inside spark_conf) can still replace them.
+    conf = ({"spark.kubernetes.driver.podTemplateFile": template[0],
+             "spark.kubernetes.executor.podTemplateFile": template[0]} if template else {})
+    conf.update(spark_conf(settings))
     # A value with spaces cannot travel unquoted in sparkSubmitParameters; the spark-defaults
     # classification takes any string. Each key goes to exactly one place, so precedence never matters.
     defaults = {k: v for k, v in conf.items()

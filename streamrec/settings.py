@@ -188,7 +188,12 @@ class EmrSettings(_Strict):
     driver_memory: str = Field("8g", pattern=r"^[0-9]+[kmgt]$")
     min_executors: int = Field(1, ge=0)
     max_executors: int = Field(20, ge=1)
-    node_selector: str = "node.kubernetes.io/instance-type=r5.2xlarge"
+    # -- Driver and executors run on the R5 node group: its label and the toleration of its taint (the
+    # same as pipeline.rayjob's; k8s/ sets both). Spark has a property for node selectors but none for
+    # tolerations, so those travel in a pod template uploaded next to the lake (spark_etl/emr.py).
+    node_selector: str = "streamrec.io/node-group=r5"
+    tolerations: tuple[dict[str, str], ...] = (
+        {"key": "streamrec.io/memory-optimized", "operator": "Exists", "effect": "NoSchedule"},)
 
     @model_validator(mode="after")
     def _executor_bounds(self) -> "EmrSettings":

@@ -103,6 +103,11 @@ def submit(
 
     settings = load(config)
     req = _build(settings, region, job, date, end_date, attempt)
+    from streamrec.aws import client as aws_client
+
+    # The request names the pod template (the R5 tolerations, emr.tolerations) by its content hash.
+    s3 = aws_client("s3", region, settings.aws)
+    _call(lambda: emr.upload_pod_template(s3, settings, region), "PutObject (pod template)")
     client = _client(settings, region)
     job_run_id = _call(lambda: emr.submit(client, req), "StartJobRun")
     vc = req["virtualClusterId"]

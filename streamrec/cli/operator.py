@@ -46,6 +46,9 @@ def run(
     liveness_port: Annotated[int, typer.Option(
         "--liveness-port", min=1, max=65535,
         help="Port of the liveness endpoint, http://0.0.0.0:PORT/healthz (the Deployment's probe).")] = 8080,
+    metrics_port: Annotated[int, typer.Option(
+        "--metrics-port", min=0, max=65535,
+        help="Port of the Prometheus metrics, http://0.0.0.0:PORT/metrics (streamrec_pipeline_*); 0: none.")] = 9100,
 ) -> None:
     """Run the PipelineRun controller (help text: RUN_HELP)."""
     settings = load(config)
@@ -64,5 +67,6 @@ def run(
         raise UserError(f"the controller needs the operators extra (pip install 'streamrec[operators]'): "
                         f"{exc}") from None
     logging.getLogger(__name__).info("controller starting", extra={"namespace": ns,
-                                                                   "liveness_port": liveness_port})
-    run_controller(settings, namespace=ns, liveness_port=liveness_port)
+                                                                   "liveness_port": liveness_port,
+                                                                   "metrics_port": metrics_port})
+    run_controller(settings, namespace=ns, liveness_port=liveness_port, metrics_port=metrics_port or None)

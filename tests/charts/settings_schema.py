@@ -27,7 +27,7 @@ SECTIONS = ("ingest", "etl", "spark", "emr", "train", "gate", "score", "serve", 
 # Fields the chart owns, by model name: setting them under values.settings is refused by the schema.
 CHART_OWNED: dict[str, set[str]] = {
     "IngestSettings": {"pii_salt", "metrics_port"},  # Secret env; ingest.metricsPort
-    "EmrSettings": {"image"},  # images.spark
+    "EmrSettings": {"image", "node_selector", "tolerations"},  # images.spark, memoryOptimizedNodes
     "ServeSettings": {"host", "port", "api_keys", "ingress", "retriever"},  # serving.*; Secret env
     "PipelineSettings": {"namespace", "etl_backend", "spark_image", "spark_service_account"},
     "RayJobTemplate": {"image", "service_account", "config_map", "node_selector", "tolerations", "env"},

@@ -18,6 +18,7 @@ from chartlib import (
     REGION_FILES,
     ROOT,
     config_document,
+    objects,
     of_kind,
     one,
     pod_specs,
@@ -160,6 +161,24 @@ def test_consumer_grace_period_outlasts_a_flush(values_objects: list[dict[str, A
     assert pod["terminationGracePeriodSeconds"] > flush + 10
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_spark_pods_are_placed_like_the_ray_workers(enabled: bool) -> None:
+    """The ETL's Spark driver and executors (emr.node_selector, emr.tolerations: EMR's pod template and
+    the SparkApplication) go to the R5 node group with the RayJobs' workers, or nowhere special."""
+    from streamrec.settings import Settings
+
+    doc = config_document(objects(render_file(REGION_FILES[0], {"memoryOptimizedNodes": {"enabled": enabled}})))
+    settings = Settings.model_validate({**doc, "ingest": {**doc["ingest"], "pii_salt": "x" * 16}})
+    rayjob, emr = settings.pipeline.rayjob, settings.emr
+    if enabled:
+        assert rayjob.node_selector == {"streamrec.io/node-group": "r5"}
+        assert emr.node_selector == "streamrec.io/node-group=r5"
+        assert [dict(t) for t in emr.tolerations] == [dict(t) for t in rayjob.tolerations] == [
+            {"key": "streamrec.io/memory-optimized", "operator": "Exists", "effect": "NoSchedule"}]
+    else:
+        assert emr.node_selector == "" and emr.tolerations == () == rayjob.tolerations
+
+
 def test_a_grace_period_shorter_than_a_flush_is_refused() -> None:
     from helm_python import HelmError
 
@@ -247,6 +266,7 @@ def test_controller_command_is_the_cli(values_objects: list[dict[str, Any]]) -> 
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert params["liveness_port"] == ports["health"]
+    assert params["metrics_port"] == ports["metrics"] == 9100
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
@@ -398,7 +418,8 @@ def test_pdb_covers_the_ray_pods(values_objects: list[dict[str, Any]]) -> None:
 def exported_metrics() -> set[str]:
     """Prometheus series names the code exports (counters end in _total; histograms add _bucket etc.)."""
     names = set()
-    for path in (ROOT / "ingest" / "metrics.py", ROOT / "ray_apps" / "serve" / "metrics.py"):
+    for path in (ROOT / "ingest" / "metrics.py", ROOT / "ray_apps" / "serve" / "metrics.py",
+                 ROOT / "operators" / "metrics.py"):
         for kind, name in re.findall(
             r'\b(Counter|Gauge|Histogram)\(\s*"(streamrec_[a-z0-9_]+)"', path.read_text()
         ):
@@ -411,7 +432,7 @@ def exported_metrics() -> set[str]:
     return names
 
 
-# Series from kube-state-metrics (not streamrec's): the pipeline has no metrics of its own yet.
+# Series from kube-state-metrics (not streamrec's): the CronJob's create jobs and the controller's Deployment.
 KUBE_STATE_METRICS = {"kube_job_status_failed", "kube_deployment_status_replicas_available"}
 
 
@@ -440,6 +461,9 @@ def test_alerts_and_dashboard_use_exported_metrics(values_objects: list[dict[str
             "StreamrecServeLatencyP99High",
             "StreamrecServe5xxRateHigh",
             "StreamrecPipelineCreateFailed",
+            "StreamrecPipelineRunFailed",
+            "StreamrecPipelineNoRecentSuccess",
+            "StreamrecPipelineStageRetries",
         } <= alerts
 
 

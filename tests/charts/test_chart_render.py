@@ -98,6 +98,7 @@ def test_region_release_renders_every_component(
             ("TriggerAuthentication", "streamrec-ingest-kinesis"),
             ("Ingress", "streamrec-serve"),
             ("PodMonitor", "streamrec-ingest"),
+            ("PodMonitor", "streamrec-controller"),
             ("PodMonitor", "streamrec-serve"),
             ("PrometheusRule", "streamrec"),
         }

@@ -32,6 +32,7 @@ import kmock as kmock_lib
 import kopf
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from operators.controller import Controller, KubeClient, build_registry, configure_kopf
 from operators.pipeline import RunSpec, StageResult, child_name
@@ -283,9 +284,17 @@ def events(emulator: Any, name: str) -> list[str]:
 # --------------------------------------------------------------------------- tests
 
 
+def metric(name: str, **labels: str) -> float:
+    """A sample of the controller's Prometheus metrics (operators/metrics.py, process-wide: tests
+    compare before and after)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_a_run_creates_its_children_in_order_and_succeeds(emulator: Any, tmp_path: Path) -> None:
     """Creation → each child with the expected spec → status transitions as children complete →
     sync retried once in the controller → Succeeded with the model version, gate and counts."""
+    succeeded_before = metric("streamrec_pipeline_runs_finished_total", region="us-east-1", phase="Succeeded")
+    retries_before = metric("streamrec_pipeline_events_total", region="us-east-1", reason="StageRetrying")
     settings = make_settings(f"file://{tmp_path / 'lake'}")
     fakes = FakeStages(sync_failures=1)
     run = "us-east-1-2026-11-25"
@@ -330,6 +339,13 @@ async def test_a_run_creates_its_children_in_order_and_succeeds(emulator: Any, t
     assert posts(emulator, SPARKAPPS) == [child_name(run, "etl", 1, j) for j in ("clean", "features", "keys")]
     assert posts(emulator, RAYJOBS) == [f"{run}-train-1", f"{run}-score-1"]
     assert {"StageStarted", "StageRetrying", "StageSucceeded"} <= set(events(emulator, run))
+    # The run counted once as finished, its sync retry as one StageRetrying event (the chart's alerts).
+    assert metric("streamrec_pipeline_runs_finished_total", region="us-east-1",
+                  phase="Succeeded") == succeeded_before + 1
+    assert metric("streamrec_pipeline_events_total", region="us-east-1",
+                  reason="StageRetrying") == retries_before + 1
+    assert metric("streamrec_pipeline_stage_duration_seconds_count", region="us-east-1", stage="train",
+                  state="Succeeded") >= 1
     assert_status_valid(emulator, run)
     assert_no_server_errors(emulator)
 
@@ -337,6 +353,7 @@ async def test_a_run_creates_its_children_in_order_and_succeeds(emulator: Any, t
 async def test_a_failing_child_is_retried_then_the_run_fails(emulator: Any, tmp_path: Path) -> None:
     """A failed RayJob → retry as attempt 2 (a new child) after retryAt → failed again → the run is
     Failed for good (max_attempts 2), with the reason in its Failed condition."""
+    failed_before = metric("streamrec_pipeline_runs_finished_total", region="us-east-1", phase="Failed")
     settings = make_settings(f"file://{tmp_path / 'lake'}")
     run = "us-east-1-2026-11-24"
     fakes = FakeStages()
@@ -365,6 +382,8 @@ async def test_a_failing_child_is_retried_then_the_run_fails(emulator: Any, tmp_
     assert posts(emulator, RAYJOBS) == [f"{run}-train-1", f"{run}-train-2"]
     assert "StageFailed" in events(emulator, run)
     assert fakes.recorded == [(run, "Failed", [])]
+    assert metric("streamrec_pipeline_runs_finished_total", region="us-east-1",
+                  phase="Failed") == failed_before + 1
     assert_status_valid(emulator, run)
     assert_no_server_errors(emulator)
 

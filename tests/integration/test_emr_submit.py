@@ -79,6 +79,7 @@ def make_emr_env(tmp_path: Path, moto_server: ServiceHandle) -> Callable[..., Em
         }
         path = tmp_path / f"streamrec-{suffix}.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
+        client("s3", REGION, AwsSettings(**aws)).create_bucket(Bucket=f"lake-{suffix}")
         return EmrEnv(load_settings(path), path, cluster["id"], emr_client)
 
     return make
@@ -143,6 +144,16 @@ def test_submit_no_wait_starts_one_job_run(make_emr_env: Callable[..., EmrEnv]) 
     assert run["name"] == "streamrec-etl-keys-us-east-1-2024-05-01"
     assert f"submitted {run['name']}: job run {run['id']} on virtual cluster {env.virtual_cluster_id}" \
         in result.stdout
+    # The pod template the run names (the R5 toleration) was put on S3 before the run started.
+    uri, body = emr.pod_template_object(env.settings, REGION)
+    stored = env.client.describe_job_run(id=run["id"], virtualClusterId=env.virtual_cluster_id)["jobRun"]
+    assert f"spark.kubernetes.executor.podTemplateFile={uri}" in \
+        stored["jobDriver"]["sparkSubmitJobDriver"]["sparkSubmitParameters"]
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    s3 = client("s3", REGION, env.settings.aws)
+    template = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert template["spec"]["tolerations"] == [
+        {"key": "streamrec.io/memory-optimized", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_submit_wait_exits_1_on_timeout_with_one_line(make_emr_env: Callable[..., EmrEnv]) -> None:

@@ -266,6 +266,10 @@ def test_spark_application_is_valid_and_runs_the_etl_entry_point(job: str, spec:
     assert obj["spec"]["restartPolicy"] == {"type": "Never"}
     assert "timeToLiveSeconds" not in obj["spec"]  # the object must stay for the controller to read
     assert obj["spec"]["driver"]["serviceAccount"] == SETTINGS.pipeline.spark_service_account
+    executor = obj["spec"]["executor"]  # on the R5 node group: its label, and its taint tolerated
+    assert executor["nodeSelector"] == {"streamrec.io/node-group": "r5"}
+    assert executor["tolerations"] == [dict(t) for t in SETTINGS.emr.tolerations] == [
+        {"key": "streamrec.io/memory-optimized", "operator": "Exists", "effect": "NoSchedule"}]
     assert obj["metadata"]["labels"]["streamrec.io/etl-job"] == job
     assert obj["metadata"]["ownerReferences"][0]["uid"] == RUN.uid
 

@@ -11,6 +11,7 @@ never ends) is tested against the real moto server in tests/integration/test_emr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
@@ -187,7 +188,7 @@ class SizingCase:
 
 
 SIZING = {
-    "defaults (r5.2xlarge, two executors a node)": SizingCase({}, {
+    "defaults (r5.2xlarge, two executors a node, the R5 node group)": SizingCase({}, {
         "spark.executor.cores": "4", "spark.executor.memory": "26g",
         "spark.driver.cores": "2", "spark.driver.memory": "8g",
         "spark.kubernetes.executor.request.cores": "3600m",
@@ -195,7 +196,7 @@ SIZING = {
         "spark.dynamicAllocation.enabled": "true",
         "spark.dynamicAllocation.shuffleTracking.enabled": "true",
         "spark.dynamicAllocation.minExecutors": "1", "spark.dynamicAllocation.maxExecutors": "20",
-        "spark.kubernetes.node.selector.node.kubernetes.io/instance-type": "r5.2xlarge",
+        "spark.kubernetes.node.selector.streamrec.io/node-group": "r5",
     }),
     "bigger executors": SizingCase(
         {"executor_cores": 8, "executor_memory": "56g", "driver_cores": 4, "driver_memory": "16g",
@@ -214,6 +215,28 @@ SIZING = {
 def test_sizing_goes_to_spark_submit_parameters(case: SizingCase) -> None:
     conf = submit_conf(build(make_settings(**case.emr)))
     assert {k: conf.get(k) for k in case.expected} == case.expected
+
+
+def test_the_r5_toleration_travels_in_a_content_named_pod_template_in_the_lake() -> None:
+    settings = make_settings()
+    conf = submit_conf(build(settings))
+    uri, body = emr.pod_template_object(settings, REGION)
+    lake = settings.region(REGION).lake_uri.rstrip("/")
+    assert uri.startswith(f"{lake}/emr/region={REGION}/pod-templates/") and uri.endswith(".json")
+    assert conf["spark.kubernetes.driver.podTemplateFile"] == conf["spark.kubernetes.executor.podTemplateFile"] == uri
+    assert json.loads(body) == {"apiVersion": "v1", "kind": "Pod", "spec": {"tolerations": [
+        {"key": "streamrec.io/memory-optimized", "operator": "Exists", "effect": "NoSchedule"}]}}
+    # Same settings, same name (an idempotent upload); another toleration, another name.
+    assert emr.pod_template_object(make_settings(), REGION) == (uri, body)
+    other = make_settings(tolerations=[{"key": "dedicated", "operator": "Equal", "value": "spark",
+                                        "effect": "NoSchedule"}])
+    assert emr.pod_template_object(other, REGION)[0] != uri
+
+
+def test_no_pod_template_without_tolerations() -> None:
+    conf = submit_conf(build(make_settings(tolerations=[])))
+    assert not [k for k in conf if "podTemplateFile" in k]
+    assert emr.pod_template(make_settings(tolerations=[]).emr) is None
 
 
 def test_no_node_selector_when_the_setting_is_empty() -> None:
