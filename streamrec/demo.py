@@ -205,7 +205,16 @@ def demo_settings(settings: Any, days: list[date]) -> Any:
     must accept arrivals up to now: the lateness window covers the whole generated history. The gate
     evaluates every holdout user, and pre-warming covers the few hundred users there are."""
     lateness = (datetime.now(UTC).date() - days[0]).days * 24 + 48
-    return settings.model_copy(update={"etl": settings.etl.model_copy(update={"late_arrival_hours": lateness})})
+    # Serving's per-step budgets are sized for DynamoDB and ElastiCache on R5 pods; moto's DynamoDB
+    # and a 2-core box running Ray, Spark and the servers together answer several times slower, so the
+    # demo gives each step of the request path five times its production budget (the answers still
+    # show each source and their latency).
+    serve = settings.serve
+    budgets = {name: getattr(serve, name) * 5 for name in
+               ("deadline_ms", "cache_timeout_ms", "batch_timeout_ms", "realtime_timeout_ms")}
+    return settings.model_copy(update={
+        "etl": settings.etl.model_copy(update={"late_arrival_hours": lateness}),
+        "serve": serve.model_copy(update=budgets)})
 
 
 def run_region_pipeline(settings: Any, region: str, days: list[date], say: Callable[[str], None]) -> PipelineReport:

@@ -112,7 +112,7 @@ def show_online(settings: Any, config_path: Path, regions: tuple[str, ...], know
                     [click_record(region, clicker, item)])
                 consume(config_path, region, 1, state_dir / "ingest-online")
                 body, ms = _get(http, f"{base}/v1/users/{clicker}/recommendations?k=5")
-                answers.append(_answer(region, f"just clicked {item}", body, ms))
+                answers.append(_answer(region, f"clicked {item}", body, ms))
     finally:
         serve.shutdown()
     return answers

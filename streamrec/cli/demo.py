@@ -54,8 +54,8 @@ def demo(
         reasons.add_row(reason, *(f"{r.dead_lettered.get(reason, 0):,}" for r in reports))
     console.print(reasons)
     console.print(etl_table(etl_reports))
-    if result.answers:
-        console.print(answers_table(result.answers))
+    for region in dict.fromkeys(a.region for a in result.answers):
+        console.print(answers_table(region, [a for a in result.answers if a.region == region]), "")
     console.print(summary_table(result.pipelines, etl_reports))
     lake = state_dir.resolve() / "lake"
     console.print(f"lake: {lake}", highlight=False)
@@ -72,12 +72,14 @@ def demo(
     console.print("every raw row of the ETL's days accounted for: clean rows + removed = raw rows")
 
 
-def answers_table(answers: list) -> Table:  # list[ServedAnswer]
-    table = Table(title="Ray Serve answers (GET /<region>/v1/users/{user}/recommendations?k=5)", box=box.SIMPLE_HEAD)
-    for col in ("region", "request", "user", "source", "ms", "top items"):
-        table.add_column(col, justify="right" if col == "ms" else "left", overflow="fold")
+def answers_table(region: str, answers: list) -> Table:  # list[ServedAnswer]
+    """One region's answers, one line each (a table per region keeps them within 80 columns)."""
+    table = Table(title=f"Ray Serve {region}: GET /{region}/v1/users/{{user}}/recommendations?k=5",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in ("request", "user", "source", "ms", "top 3 items"):
+        table.add_column(col, justify="right" if col == "ms" else "left", no_wrap=True)
     for a in answers:
-        table.add_row(a.region, a.case, a.user_id, a.source, f"{a.milliseconds:.0f}", " ".join(a.item_ids[:5]))
+        table.add_row(a.case, a.user_id, a.source, f"{a.milliseconds:.0f}", " ".join(a.item_ids[:3]))
     return table
 
 

@@ -85,7 +85,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             known, cold, clicked = by_region[p.region]
             assert known.source in ("cache", "batch") and len(known.item_ids) == 5
             assert cold.source == "popular" and len(cold.item_ids) == 5
-            assert clicked.case.startswith("just clicked") and clicked.source == "realtime"
+            assert clicked.case.startswith("clicked ") and clicked.source == "realtime"
             assert {known.model_version, cold.model_version, clicked.model_version} == {p.version}
 
         # Rerunning a finished PipelineRun is a no-op; forcing the sync writes nothing new (checkpoints).
