@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from operators.pipeline import RunSpec, StageResult, stage_result_path
 from streamrec.lake import LakeLayout, filesystem
 from streamrec.settings import Settings
+
+if TYPE_CHECKING:  # the warehouse (psycopg, boto3) is imported by the sync stage when it runs
+    from operators.warehouse.load import WarehouseReport
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +214,26 @@ def run_sync(settings: Settings, spec: RunSpec, done: Mapping[str, StageResult])
         if version:
             recs = sync_recs(settings, spec.region, spec.day, version)
             outputs["dynamodb_recs"] = recs.to_json()
-        warehouse = load_day(settings, spec.region, spec.day, run_id=spec.run_id, model_version=version)
-        outputs["warehouse"] = warehouse.to_json()
+        # A backfill cleaned every day of its range: their events go to the fact table too (daily runs
+        # have one ETL day, the run's own).
+        reports = [load_day(settings, spec.region, day, run_id=spec.run_id, model_version=None, facts_only=True)
+                   for day in spec.etl_days if day != spec.day]
+        reports.append(load_day(settings, spec.region, spec.day, run_id=spec.run_id, model_version=version))
+        outputs["warehouse"] = warehouse_outputs(reports)
     except (SyncError, WarehouseError) as exc:
         raise StageError(str(exc)) from None
     outputs["version"] = version
     return StageResult("sync", outputs, summarize_sync(outputs))
+
+
+def warehouse_outputs(reports: Sequence[WarehouseReport]) -> dict[str, Any]:
+    """The run's warehouse loads (the run's day last) as one result: the run's day's report, with the
+    rows of every day loaded summed per table and the days listed."""
+    rows: dict[str, int] = {}
+    for report in reports:
+        for table, n in report.rows.items():
+            rows[table] = rows.get(table, 0) + n
+    return {**reports[-1].to_json(), "rows": rows, "days": [r.dt for r in reports]}
 
 
 def summarize_sync(outputs: Mapping[str, Any]) -> str:

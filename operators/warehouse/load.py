@@ -419,15 +419,18 @@ class Warehouse:
                              access_key=aws.access_key_id, secret_key=aws.secret_access_key)
         self.reader = LakeReader(self.layout, self.fs, region)
 
-    def load_day(self, day: date, *, run_id: str, model_version: str | None) -> WarehouseReport:
+    def load_day(self, day: date, *, run_id: str, model_version: str | None,
+                 facts_only: bool = False) -> WarehouseReport:
         """Load the region's clean events, item and user snapshots and (when ``model_version`` is given)
-        that version's recs of ``day``, each table in its own transaction, in that order."""
+        that version's recs of ``day``, each table in its own transaction, in that order. ``facts_only``:
+        the clean events alone (an earlier day of a backfill, cleaned by the run but whose snapshots
+        and recs are not built by it)."""
         started = time.perf_counter()
         _check_run_id(run_id)
         if model_version is not None:
             _check_model_version(model_version)
         try:
-            inputs = self.reader.day_inputs(day, model_version)
+            inputs = [self.reader.clean(day)] if facts_only else self.reader.day_inputs(day, model_version)
             self.reader.check_schemas(inputs, positional=self.positional_copy)
         except (ValueError, OSError) as exc:
             raise WarehouseInputError(
@@ -778,11 +781,13 @@ def open_warehouse(settings: Settings, region: str, *, redshift_client: Any | No
 
 
 def load_day(settings: Settings, region: str, day: date, *, run_id: str,
-             model_version: str | None) -> WarehouseReport:
+             model_version: str | None, facts_only: bool = False) -> WarehouseReport:
     """Load ``region``'s ``day`` into its warehouse (clean events, item and user snapshots, and the recs of
-    ``model_version`` when given); idempotent per run: a rerun leaves the same rows."""
+    ``model_version`` when given; only the clean events with ``facts_only``); idempotent per run: a
+    rerun leaves the same rows."""
     try:
-        return open_warehouse(settings, region).load_day(day, run_id=run_id, model_version=model_version)
+        return open_warehouse(settings, region).load_day(day, run_id=run_id, model_version=model_version,
+                                                         facts_only=facts_only)
     except ValueError as exc:
         raise WarehouseError(str(exc)) from None
 

@@ -329,6 +329,19 @@ def test_without_a_model_version_no_recs_are_loaded(settings: Settings, lake: La
     assert rows(db, "SELECT to_regclass('daily_recs')") == [(None,)]
 
 
+def test_facts_only_loads_the_clean_events_alone(settings: Settings, lake: Lake, db: Any) -> None:
+    """An earlier day of a backfill: its clean events, under the backfill's run id, and no snapshots or
+    recs (those are built for the run's last day only)."""
+    lake.day(DAY)
+    report = load_day(settings, REGION, DAY, run_id="run-backfill", model_version=VERSION, facts_only=True)
+    assert report.rows == {"clickstream_fact": 5}
+    assert rows(db, "SELECT DISTINCT load_run_id, dt FROM clickstream_fact") == [("run-backfill", DAY)]
+    assert [rows(db, "SELECT to_regclass(%s)", t)[0][0] for t in ("item_dim", "user_dim", "daily_recs")] == [
+        None, None, None]
+    again = load_day(settings, REGION, DAY, run_id="run-backfill", model_version=None, facts_only=True)
+    assert again.rows == report.rows and count(db, "clickstream_fact") == 5
+
+
 def test_a_second_run_of_a_changed_day_replaces_exactly_that_slice(settings: Settings, lake: Lake,
                                                                     db: Any) -> None:
     for day in (DAY, NEXT_DAY):

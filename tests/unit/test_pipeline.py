@@ -194,3 +194,20 @@ def test_the_run_is_recorded_with_its_final_phase(tmp_path: Path) -> None:
                      say=lambda m: None)
     assert recorded == [("us-east-1-2026-11-25", "Succeeded", ["etl", "train"]),
                         ("us-east-1-2026-11-25", "Failed", ["etl", "train"])]
+
+
+def test_a_backfills_warehouse_loads_report_every_days_rows() -> None:
+    from operators.stages import synced_counts, warehouse_outputs
+    from operators.warehouse.load import TableLoad, WarehouseReport
+
+    def report(dt: str, **rows: int) -> WarehouseReport:
+        tables = tuple(TableLoad(table, 1, n, n, n, n, 0) for table, n in rows.items())
+        return WarehouseReport("us-east-1", dt, "run-1", "v1", "postgres", tables, 0.5)
+
+    earlier = [report("2026-11-23", clickstream_fact=100), report("2026-11-24", clickstream_fact=120)]
+    last = report("2026-11-25", clickstream_fact=90, item_dim=10, user_dim=8, daily_recs=800)
+    outputs = warehouse_outputs([*earlier, last])
+    assert outputs["rows"] == {"clickstream_fact": 310, "item_dim": 10, "user_dim": 8, "daily_recs": 800}
+    assert outputs["days"] == ["2026-11-23", "2026-11-24", "2026-11-25"] and outputs["dt"] == "2026-11-25"
+    counts = synced_counts({"sync": StageResult("sync", {"warehouse": outputs}, "ok")})
+    assert counts["warehouse_clickstream_fact"] == 310
