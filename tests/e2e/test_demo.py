@@ -112,4 +112,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert facts == result.pipelines[0].synced["warehouse_clickstream_fact"]
     finally:
         stack.down(state_dir)
+        # The demo starts Ray in this process (as `streamrec demo` does, which then exits); tests that
+        # start a Ray of their own must not find it.
+        import ray
+
+        ray.shutdown()
     assert stack.status(state_dir) == []
