@@ -303,7 +303,7 @@ class Controller:
             run = RunRef(name, namespace, str(meta.get("uid", "")))
             status: dict[str, Any] = dict(obj.get("status") or {})
             generation = meta.get("generation")
-            region = str((obj.get("spec") or {}).get("region") or "")
+            region = _region_of(obj)
             if status.get("phase") in TERMINAL_PHASES:
                 metrics.run_seen_finished(region, status)
                 return Decision(status, {})
@@ -313,7 +313,7 @@ class Controller:
                 settings = settings_for_run(self.settings, spec)
             except (SpecError, SettingsError) as exc:
                 decision = invalid(status, str(exc), self.clock(), generation)
-                if await self._apply(obj, decision) and decision.status.get("phase") in TERMINAL_PHASES:
+                if await self._apply(obj, decision):  # invalid() fails the run for good
                     metrics.run_finished(region, decision.status)
                 return decision
             observed = await self._observe(run, spec, status, settings, obj, generation)
@@ -375,8 +375,7 @@ class Controller:
                 return False
         for event in decision.events:
             self._post(obj, event)
-        metrics.events_posted(str((obj.get("spec") or {}).get("region") or ""),
-                              [event.reason for event in decision.events])
+        metrics.events_posted(_region_of(obj), [event.reason for event in decision.events])
         return True
 
     def _post(self, obj: Mapping[str, Any], event: Event) -> None:
@@ -628,6 +627,11 @@ def configure_kopf(settings: Any) -> None:
 
 def _active(status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any) -> bool:
     return status.get("phase") not in TERMINAL_PHASES and not meta.get("deletionTimestamp")
+
+
+def _region_of(obj: Mapping[str, Any]) -> str:
+    """The run's spec.region as a metrics label, read before (or without) the spec validating."""
+    return str((obj.get("spec") or {}).get("region") or "")
 
 
 def _owned_by(obj: Mapping[str, Any], run: RunRef) -> bool:

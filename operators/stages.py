@@ -203,7 +203,7 @@ def run_sync(settings: Settings, spec: RunSpec, done: Mapping[str, StageResult])
     """Key data points and the scored version's recs into DynamoDB; facts, dimensions, recs and the
     run into the warehouse. Both are checkpointed: a rerun writes only what is missing."""
     from operators.sync.dynamodb import SyncError, sync_keys, sync_recs
-    from operators.warehouse.load import WarehouseError, load_day
+    from operators.warehouse.load import WarehouseError, load_run_days
 
     score = done.get("score")
     version = score.outputs.get("version") if score is not None else None
@@ -214,11 +214,9 @@ def run_sync(settings: Settings, spec: RunSpec, done: Mapping[str, StageResult])
         if version:
             recs = sync_recs(settings, spec.region, spec.day, version)
             outputs["dynamodb_recs"] = recs.to_json()
-        # A backfill cleaned every day of its range: their events go to the fact table too (daily runs
-        # have one ETL day, the run's own).
-        reports = [load_day(settings, spec.region, day, run_id=spec.run_id, model_version=None, facts_only=True)
-                   for day in spec.etl_days if day != spec.day]
-        reports.append(load_day(settings, spec.region, spec.day, run_id=spec.run_id, model_version=version))
+        # A backfill cleaned every day of its range: their events go to the fact table too (a daily
+        # run has one ETL day, its own; etl_days ends with the run's day).
+        reports = load_run_days(settings, spec.region, spec.etl_days, run_id=spec.run_id, model_version=version)
         outputs["warehouse"] = warehouse_outputs(reports)
     except (SyncError, WarehouseError) as exc:
         raise StageError(str(exc)) from None

@@ -3,5 +3,5 @@ its pipeline runs, loaded idempotently into Redshift (PostgreSQL locally). See d
 
 - :mod:`operators.warehouse.tables`: the table definitions (columns, keys, lake sources, Redshift layout);
 - :mod:`operators.warehouse.sql`: pure SQL text builders for both dialects;
-- :mod:`operators.warehouse.load`: the I/O, ``load_day`` and ``record_run``.
+- :mod:`operators.warehouse.load`: the I/O, ``load_day``, ``load_run_days`` and ``record_run``.
 """

@@ -2,7 +2,8 @@
 
 Entry points::
 
-    load_day(settings, region, day, *, run_id, model_version) -> WarehouseReport
+    load_day(settings, region, day, *, run_id, model_version, facts_only=False) -> WarehouseReport
+    load_run_days(settings, region, days, *, run_id, model_version) -> list[WarehouseReport]
     record_run(settings, region, record: PipelineRunRecord) -> None
 
 The executor is chosen by the scheme of ``settings.region(region).warehouse_dsn``:
@@ -792,6 +793,20 @@ def load_day(settings: Settings, region: str, day: date, *, run_id: str,
         raise WarehouseError(str(exc)) from None
 
 
+def load_run_days(settings: Settings, region: str, days: Sequence[date], *, run_id: str,
+                  model_version: str | None) -> list[WarehouseReport]:
+    """A run's loads over one opened warehouse: the clean events of each earlier day of ``days`` (a
+    backfill's ETL cleaned them all), then everything of the last day, the run's own."""
+    try:
+        warehouse = open_warehouse(settings, region)
+        *earlier, last = days
+        reports = [warehouse.load_day(day, run_id=run_id, model_version=None, facts_only=True) for day in earlier]
+        reports.append(warehouse.load_day(last, run_id=run_id, model_version=model_version))
+        return reports
+    except ValueError as exc:
+        raise WarehouseError(str(exc)) from None
+
+
 def record_run(settings: Settings, region: str, record: PipelineRunRecord) -> None:
     """Upsert one pipeline run into ``pipeline_runs`` (MERGE on run_id: recording it again updates it)."""
     open_warehouse(settings, region).record_run(record)
@@ -800,5 +815,6 @@ def record_run(settings: Settings, region: str, record: PipelineRunRecord) -> No
 __all__ = [
     "LakeInput", "LakeReader", "PipelineRunRecord", "PostgresWarehouse", "RedshiftDataWarehouse",
     "RedshiftTarget", "SchemaDriftError", "TableLoad", "Warehouse", "WarehouseError", "WarehouseInputError",
-    "WarehouseReport", "arrow_kind", "load_day", "open_warehouse", "record_run", "schema_problems",
+    "WarehouseReport", "arrow_kind", "load_day", "load_run_days", "open_warehouse", "record_run",
+    "schema_problems",
 ]

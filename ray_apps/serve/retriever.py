@@ -9,6 +9,7 @@ so a request sees either the old version or the new one, never a mix: requests i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Sequence
@@ -83,7 +84,7 @@ class Retriever:
         (allocator, thread pool, kernel selection) and the index's first search take far longer than the
         real-time step's budget (serve.realtime_timeout_ms), so without this the first clicks after a
         start or a swap would fall back to popularity."""
-        history = list(loaded.positions)[:1]
+        history = list(itertools.islice(loaded.positions, 1))  # any one item (not a list of them all)
         for _ in range(3):
             loaded.index.search(_user_vector(loaded, self.region, history, None), 10, exclude=[history])
 

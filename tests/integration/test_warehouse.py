@@ -713,3 +713,18 @@ def test_redshift_record_run_and_failures(s3_settings: Settings) -> None:
                            match=r"failed: ERROR: permission denied for schema public at: CREATE"):
             warehouse.load_day(DAY, run_id="run-1", model_version=None)
         stubber.assert_no_pending_responses()
+
+
+def test_a_backfills_loads_put_every_days_facts_and_the_last_days_rest(settings: Settings, lake: Lake,
+                                                                        db: Any) -> None:
+    from operators.warehouse.load import load_run_days
+
+    for day in (DAY, NEXT_DAY):
+        lake.day(day)
+    reports = load_run_days(settings, REGION, [DAY, NEXT_DAY], run_id="run-backfill", model_version=VERSION)
+    assert [(r.dt, set(r.rows)) for r in reports] == [
+        (DAY.isoformat(), {"clickstream_fact"}),
+        (NEXT_DAY.isoformat(), {"clickstream_fact", "item_dim", "user_dim", "daily_recs"})]
+    assert rows(db, "SELECT dt, count(*) FROM clickstream_fact GROUP BY dt ORDER BY dt") == [
+        (DAY, reports[0].rows["clickstream_fact"]), (NEXT_DAY, reports[1].rows["clickstream_fact"])]
+    assert rows(db, "SELECT DISTINCT dt FROM item_dim") == [(NEXT_DAY,)]

@@ -82,7 +82,7 @@ def etl_child(job: str = "clean", attempt: int = 1, backend: str = "spark-operat
 
 def _strict(schema: Any) -> Any:
     """additionalProperties: false wherever the schema lists properties and keeps no unknown fields
-    (tests/unit/schemas/README.md; /work/shared/schemas/README.md step 4), so a misspelt field fails."""
+    (tests/unit/schemas/README.md), so a misspelt field fails."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
         if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
