@@ -37,14 +37,25 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+_RUN_AT: str | None = None
+
+
+def run_stamp() -> str:
+    """When this process emitted its first figure: every line of one run carries it, since the report
+    groups a run's lines by (benchmark, at) and a run's lines can straddle a second."""
+    global _RUN_AT
+    if _RUN_AT is None:
+        _RUN_AT = datetime.now(UTC).isoformat(timespec="seconds")
+    return _RUN_AT
+
+
 def emit(benchmark: str, metric: str, value: float, unit: str, baseline_metric: str, baseline_value: float,
          params: dict[str, Any], **extra: Any) -> dict[str, Any]:
     line = {
         "benchmark": benchmark, "metric": metric, "value": round(value, 3), "unit": unit,
         "baseline_metric": baseline_metric, "baseline_value": round(baseline_value, 3),
         "ratio": round(value / baseline_value, 4) if baseline_value else None,
-        "machine": machine(), "params": params,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"), **extra,
+        "machine": machine(), "params": params, "at": run_stamp(), **extra,
     }
     print(json.dumps(line), flush=True)
     RESULTS.mkdir(exist_ok=True)

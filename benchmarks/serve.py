@@ -5,7 +5,8 @@ provisioned (``provision_region``), the ETL's popularity list in the features ta
 version published and promoted in a ``file://`` lake: a ``TwoTowerModel`` with the project's default
 config (``ray_apps.train.model_config_for``; random weights, fixed seed: speed does not depend on the
 weights) over ``--items`` catalogue items, its exact/IVF index from ``build_index(kind="auto")``. Then
-``ray.init`` (2 CPUs, no dashboard, small object store, short temp dir), ``serve.start`` and
+``ray.init`` (2 CPUs, no dashboard, small object store, short temp dir; the process environment of
+``serve.http_front`` set first, as ``ensure_ray`` does: HAProxy on the Serve port by default), ``serve.start`` and
 ``serve.run(build_app(settings, region))`` with one Ingress and one Retriever replica (the ServeScaling
 ``num_cpus`` defaults) and the default request budget (``deadline_ms`` 50, cache 10, batch 20,
 real-time 35 ms); the settings are in every line's ``params``.
@@ -48,10 +49,10 @@ mean time inside the ingress), Serve's per-request access logs of the proxy, the
 retriever replicas (their own timings, when Serve writes them), and sequential round trips from this
 process to Redis (the ingress's GET + ZREVRANGE pipeline) and DynamoDB (moto ``GetItem``).
 
-Variants: ``--serve-json`` overrides ServeSettings (the targets are stated for the defaults);
-``--ray-env RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` runs Serve's direct ingress (Ray 2.60 feature flag: the
-ingress replica serves HTTP on its own port, no proxy actor in between; the load generator is pointed
-at that port).
+Variants: ``--serve-json`` overrides ServeSettings (the targets are stated for the defaults), e.g.
+``'{"http_front": "proxy"}'`` for Serve's Python proxy actor; ``--ray-env K=V`` sets Serve switches for
+an experiment (with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` alone, no HAProxy, the load generator is
+pointed at the ingress replica's own port).
 
     python -m benchmarks.serve [--quick] [--duration S] [--concurrency 1,8,32] [--ray-env K=V]
 
@@ -274,8 +275,8 @@ def direct_ingress_port(ray_temp: Path, timeout_s: float = 60) -> int | None:
     a port Serve allocates (30000-31000 by default) and logs; None when direct ingress is off."""
     from ray.serve._private import constants
 
-    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
-        return None
+    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS or constants.RAY_SERVE_ENABLE_HA_PROXY:
+        return None  # HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1) listens on the Serve port itself
     pattern = re.compile(r"Successfully started \S*(?:HTTP|http)\S* server on port (\d+)")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -295,6 +296,7 @@ def world(work: Path, *, items: int, cache_users: int, realtime_users: int, batc
     import yaml
 
     from ray_apps.serve.answers import Answer
+    from ray_apps.serve.front import apply_serve_env
     from streamrec import aws
     from streamrec.devstack.moto_server import MotoLauncher
     from streamrec.devstack.process import free_port, terminate
@@ -329,6 +331,9 @@ def world(work: Path, *, items: int, cache_users: int, realtime_users: int, batc
         config_path = work / "streamrec.yaml"
         config_path.write_text(yaml.safe_dump(document, sort_keys=False))
         settings = load_settings(config_path)
+        # Serve's front end (serve.http_front) is process environment, read when Serve's processes start:
+        # set before `ray.init` below, as ensure_ray does for `streamrec serve run`; --ray-env wins.
+        apply_serve_env(settings.serve.http_front, os.environ)
         region = settings.region(REGION)
         t = time.perf_counter()
         provision_region(settings, REGION)
@@ -798,6 +803,8 @@ def benchmark(args: argparse.Namespace, levels: list[int], work: Path) -> int:
                       "batch_timeout_ms": s.batch_timeout_ms, "realtime_timeout_ms": s.realtime_timeout_ms,
                       "cache_refresh_after_s": s.cache_refresh_after_s,
                       "ingress": s.ingress.model_dump(), "retriever": s.retriever.model_dump(),
+                      "http_front": s.http_front,
+                      "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
                       "ray_num_cpus": 2},
             "load_generator": f"closed loop, httpx {httpx.__version__} AsyncClient (keep-alive pool of N), "
                               f"{loop_name}, in the benchmark's main process (the Ray driver), sharing the 2 "

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ray_apps.serve.front import apply_serve_env
 from streamrec.settings import Settings
 
 
@@ -41,6 +42,8 @@ def ensure_ray(settings: Settings) -> Any:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
+        # Serve reads its front-end switches when its processes start, which inherit this environment.
+        apply_serve_env(settings.serve.http_front, os.environ)
         ray.init(**local_ray_options(settings))
         # A local run reports its own progress; Ray Data's per-dataset INFO lines would bury it. (In a
         # cluster they go to the job's logs, where they belong.)

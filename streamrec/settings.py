@@ -289,6 +289,10 @@ class ServeSettings(_Strict):
     # -- Where `streamrec serve run` listens (0.0.0.0 in a pod).
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65_535)
+    # -- What answers on that port: "haproxy" (Serve's throughput-optimized mode: an HAProxy per node and
+    # HTTP served by the Ingress replicas themselves) or "proxy" (Serve's Python proxy actor). Applied to a
+    # local Ray cluster when streamrec starts it; in Kubernetes the chart's serving.httpFront sets it.
+    http_front: Literal["haproxy", "proxy"] = "haproxy"
     # -- Whole-request budget; each step gets what is left of it, capped by its own timeout below.
     deadline_ms: float = Field(50, gt=0, le=60_000)
     cache_timeout_ms: float = Field(10, gt=0, le=60_000)
@@ -302,6 +306,10 @@ class ServeSettings(_Strict):
     # and how long it stays open before one trial request.
     breaker_failures: int = Field(5, ge=1, le=1_000)
     breaker_reset_s: float = Field(5, gt=0, le=3_600)
+    # -- Real-time requests a Retriever replica answers together (one user-tower pass and one index
+    # search; Serve request batching), and how long the first waits for others (0 = never waits).
+    realtime_batch_size: int = Field(16, ge=1, le=1_024)
+    realtime_batch_wait_ms: float = Field(1.0, ge=0, le=1_000)
     # -- Recent clicks (from the consumer's Redis last-N) fed to the user tower on the real-time path.
     recent_items: int = Field(50, ge=1, le=1_000)
     # -- Regional popularity list kept in memory (the last resort) and how often it is reloaded.

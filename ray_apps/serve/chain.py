@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ray_apps.serve.answers import (
     Answer, cache_key, cache_usable, clicked_since, history_oldest_first, needs_refresh, newest_click_ms,
@@ -52,6 +52,15 @@ class OnlineCache(Protocol):
 
 class BatchStore(Protocol):
     async def get(self, user_id: str, model_version: str) -> StoredRecs | None: ...
+
+
+class RealtimeQuery(NamedTuple):
+    """One real-time request: recent items (oldest first), how many results, what to leave out, hour."""
+
+    history: list[str]
+    k: int
+    exclude: list[str]
+    hour: int | None
 
 
 class Retrieval(Protocol):
@@ -139,6 +148,10 @@ class Recommender:
             deadline = loop.time() + self.settings.deadline_ms / 1000
         complete = True
         stored: StoredRecs | None = None
+        # A user with recent clicks may need the real-time answer: ask for it now, beside the batch read,
+        # so the request waits for the slower of the two instead of their sum. It is dropped when the
+        # batch recommendations turn out to be newer than every click.
+        realtime_call = asyncio.ensure_future(self._realtime(recent, deadline)) if recent else None
         if model_version is None:
             self.metrics.fallbacks.labels("batch", "no_model").inc()
         elif self.batch is not None:
@@ -151,8 +164,11 @@ class Recommender:
             else:
                 stored = got
         clicks = newest_click_ms(recent)
-        if recent and (stored is None or clicked_since(recent, stored.generated_at)):
-            realtime = await self._realtime(recent, deadline)
+        if realtime_call is not None and stored is not None and not clicked_since(recent, stored.generated_at):
+            realtime_call.cancel()  # the batch answer already knows every click
+            realtime_call = None
+        if realtime_call is not None:
+            realtime = await realtime_call
             if realtime is not None:
                 ids, scores, version = realtime
                 answer = Answer(tuple(ids), tuple(scores), "realtime", version, self.now(), clicks)
@@ -214,7 +230,17 @@ class Recommender:
         try:
             # shield: this request stops waiting at its budget, the call itself runs on
             result = await asyncio.wait_for(asyncio.shield(task), remaining)
+        except asyncio.CancelledError:  # the request no longer needs it (see _compute): the call runs on
+            task.add_done_callback(lambda t: self._settle(name, t, started))  # and still reports to the breaker
+            raise
         except asyncio.TimeoutError:
+            if await _arrived(task):
+                # The answer came in time, but a busy event loop ran this step's timer before the callbacks
+                # that deliver it (both fall due in one loop iteration): that is the replica's lag, not the
+                # dependency's, so the answer is used.
+                self.metrics.late.labels(name).inc()
+                breaker.success()
+                return task.result()
             # Skipped for this request. Whether the DEPENDENCY is unhealthy is decided by the call's own
             # outcome: a replica whose event loop is busy misses a 10 ms budget with a healthy Redis,
             # and opening the breaker for that would send every request to the fallbacks.
@@ -239,6 +265,14 @@ class Recommender:
             breaker.failure()
         else:
             breaker.success()
+
+
+async def _arrived(task: asyncio.Future[Any]) -> bool:
+    """Whether ``task`` has an answer once the loop has run the callbacks already due: one turn of the
+    loop, so a call still waiting on its dependency is not waited for."""
+    if not task.done():
+        await asyncio.sleep(0)
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 def _as_cached(answer: Answer) -> Answer:

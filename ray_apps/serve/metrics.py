@@ -26,6 +26,10 @@ class ServeMetrics:
                                  "a step of the request path skipped, by step and reason "
                                  "(timeout, error, circuit_open, not_found, no_model)",
                                  ["step", "reason"], registry=self.registry)
+        self.late = Counter("streamrec_serve_late_answers_total",
+                            "dependency answers used although the step's timer fired first: the answer had "
+                            "arrived, the replica's busy event loop ran the timer before it (see chain._step)",
+                            ["step"], registry=self.registry)
         self.coalesced = Counter("streamrec_serve_coalesced_total",
                                  "requests that waited for a computation already running for the same key",
                                  registry=self.registry)

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from ray_apps.ann import AnnIndex
 from ray_apps.encoding import encode_users
 from ray_apps.model import TwoTowerModel, as_tensors
 from ray_apps.registry import ModelRegistry, embeddings_matrix
+from ray_apps.serve.chain import RealtimeQuery
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +100,15 @@ class Retriever:
                   hour: int | None = None) -> tuple[list[str], list[float], str]:
         """Top ``k`` items for a user known only by their recent items (oldest first): the user tower
         on that history, then the ANN index, leaving out ``exclude``."""
+        return self.recommend_many([RealtimeQuery(list(history), k, list(exclude), hour)])[0]
+
+    def recommend_many(self, queries: Sequence[RealtimeQuery]) -> list[tuple[list[str], list[float], str]]:
+        """:meth:`recommend` for several users at once, all on the same version: one user-tower pass
+        and one index search for the batch (what Serve's request batching hands the deployment)."""
         active = self._current()
-        vector = _user_vector(active, self.region, history, hour)
-        return _first_row(*active.index.search(vector, k, exclude=[list(exclude)]), active.version)
+        vectors = _user_vectors(active, self.region, [q.history for q in queries], [q.hour for q in queries])
+        ids, scores = active.index.search(vectors, max(q.k for q in queries), exclude=[q.exclude for q in queries])
+        return [_row(ids[i, :q.k], scores[i, :q.k], active.version) for i, q in enumerate(queries)]
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float], str]:
         """The ``k`` items nearest to ``item_id`` in the item-embedding space (itself left out).
@@ -115,14 +123,24 @@ class Retriever:
 
 def _user_vector(loaded: LoadedVersion, region: str, history: Sequence[str], hour: int | None) -> np.ndarray:
     """The user tower's vector (1 x dim) for a user known only by their recent items."""
+    return _user_vectors(loaded, region, [list(history)], hour)
+
+
+def _user_vectors(loaded: LoadedVersion, region: str, histories: list[list[str]], hours: Any) -> np.ndarray:
+    """The user tower's vectors (B x dim); ``hours`` is one hour for all or one per user."""
     import torch
 
-    encoded = encode_users([list(history)], region, None, hour, None, config=loaded.model.config)
+    encoded = encode_users(histories, region, None, hours, None, config=loaded.model.config)
     with torch.inference_mode():
         return loaded.model.user_embeddings(as_tensors(encoded, "cpu")).float().numpy()
 
 
 def _first_row(ids: np.ndarray, scores: np.ndarray, version: str) -> tuple[list[str], list[float], str]:
     """A one-query search result as plain lists, without the padding of a catalogue shorter than k."""
-    keep = ids[0] != ""
-    return ids[0][keep].tolist(), scores[0][keep].astype(float).tolist(), version
+    return _row(ids[0], scores[0], version)
+
+
+def _row(ids: np.ndarray, scores: np.ndarray, version: str) -> tuple[list[str], list[float], str]:
+    """One query's result as plain lists, without the padding of a catalogue shorter than k."""
+    keep = ids != ""
+    return ids[keep].tolist(), scores[keep].astype(float).tolist(), version

@@ -353,6 +353,23 @@ def test_rayservice_runs_the_serve_application(
     assert serve["http_options"]["port"] == doc["serve"]["port"] == 8000
 
 
+@pytest.mark.parametrize("front", ["haproxy", "proxy"])
+def test_every_ray_serving_pod_carries_the_serve_front_environment(front: str) -> None:
+    """serving.httpFront reaches Serve as process env on the head and the workers (Serve reads it when its
+    processes start), the same variables ray_apps/serve/front.py gives a local cluster, and the settings
+    file says the same front."""
+    from ray_apps.serve.front import serve_env
+
+    objs = objects(render_file(REGION_FILES[0], {"serving": {"httpFront": front}}))
+    rs = one(objs, "RayService")
+    pods = list(pod_specs(rs))
+    assert len(pods) == 2  # head and the r5 worker group
+    for where, pod in pods:
+        env = pod_environment(pod["containers"][0])
+        assert {k: v for k, v in env.items() if k.startswith("RAY_SERVE_")} == serve_env(front), where
+    assert config_document(objs)["serve"]["http_front"] == front
+
+
 def test_serve_autoscaling_matches_the_settings(values_objects: list[dict[str, Any]]) -> None:
     """One source for Serve's scaling: serveConfigV2 and streamrec.yaml (serve.ingress/.retriever) agree,
     and the values are valid for the settings model."""

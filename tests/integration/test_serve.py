@@ -34,6 +34,7 @@ from ray_apps.ann import build_index
 from ray_apps.encoding import encode_examples, encode_items, examples_table, item_counts
 from ray_apps.model import TwoTowerConfig, TwoTowerModel, as_tensors
 from ray_apps.registry import ModelRegistry, embeddings_table
+from ray_apps.serve.front import apply_serve_env
 from streamrec import aws
 from streamrec.devstack.process import free_port
 from streamrec.devstack.provision import provision_region
@@ -178,6 +179,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, moto_server: ServiceHandle) 
     registry.promote(v1, {"reason": "test"})
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # The production front end (serve.http_front, default haproxy), as ensure_ray sets it for a local cluster.
+    front_env = apply_serve_env(settings.serve.http_front, os.environ)
     temp = Path(tempfile.gettempdir()) / f"sr-serve-{uuid.uuid4().hex[:6]}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("SR_DEBUG")), logging_level="warning",
              object_store_memory=150 * 1024 * 1024, _temp_dir=str(temp))
@@ -191,6 +194,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, moto_server: ServiceHandle) 
     finally:
         serve.shutdown()
         ray.shutdown()
+        for key in front_env:
+            os.environ.pop(key, None)
         shutil.rmtree(temp, ignore_errors=True)
         launcher.stop(w.redis_handle if 'w' in locals() else redis_handle)
         launcher.purge(redis_handle)
@@ -361,6 +366,23 @@ def test_health_metrics_and_openapi(world: World) -> None:
     assert {"200", "422"} <= set(route["responses"])
 
 
+def test_the_serve_port_is_haproxy_in_front_of_the_ingress_replicas(world: World) -> None:
+    """serve.http_front's default: an HAProxy (not Serve's Python proxy actor) binds the Serve port and
+    forwards to the Ingress replica's own HTTP server."""
+    assert world.settings.serve.http_front == "haproxy"
+    port = world.url.rsplit(":", 1)[1]
+    configs = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "haproxy":
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                configs.append(Path(argv[argv.index(b"-f") + 1].decode()).read_text())
+        except (OSError, ValueError):
+            continue  # a process that ended meanwhile, or another HAProxy's
+    assert any(f":{port}" in cfg and "bind" in cfg for cfg in configs), configs
+    assert recs(world, "nobody-front")["source"] == "popular"
+
+
 # ------------------------------------------------------------------------------ failures, hot swap
 
 
@@ -481,3 +503,25 @@ def test_fuzzed_requests_never_get_a_5xx(world: World) -> None:
                 assert mode is GenerationMode.NEGATIVE
     assert operations >= 6
     assert not failures, failures[:5]
+
+
+def test_batched_realtime_queries_answer_as_one_at_a_time(world: World) -> None:
+    """Serve hands the Retriever concurrent real-time requests as one batch (one user-tower pass, one
+    index search, k = the largest asked): each user's answer is the one it gets alone."""
+    from ray_apps.serve.chain import RealtimeQuery
+    from ray_apps.serve.retriever import Retriever
+
+    core = Retriever(world.registry, REGION)
+    assert core.activate(world.v1)
+    queries = [
+        RealtimeQuery([ITEMS[0], ITEMS[1]], 10, [ITEMS[1]], 12),
+        RealtimeQuery([ITEMS[40]], 3, [], None),
+        RealtimeQuery([], 7, [ITEMS[5]], 23),  # no history: context only
+        RealtimeQuery([ITEMS[i] for i in range(0, 60, 3)], 25, [ITEMS[3], ITEMS[6]], 0),
+    ]
+    together = core.recommend_many(queries)
+    for query, (ids, scores, version) in zip(queries, together):
+        alone = core.recommend(query.history, query.k, query.exclude, query.hour)
+        assert ids == alone[0] and version == alone[2] == world.v1
+        assert np.allclose(scores, alone[1], atol=1e-5)
+        assert len(ids) == query.k and not set(ids) & set(query.exclude)

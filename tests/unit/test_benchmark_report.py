@@ -4,6 +4,7 @@ the plot data, and the command (with --no-plots, on a temporary document) — al
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +281,25 @@ def test_main_fails_with_one_line_when_the_markers_are_missing(tmp_path: Path,
     err = capsys.readouterr().err
     assert err.startswith("error: expected exactly one") and err.count("\n") == 1
     assert doc.read_text() == "# no markers\n"
+
+
+def test_every_line_of_one_run_carries_the_same_stamp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report groups a run's lines by (benchmark, at): a run whose lines straddle a second boundary
+    must not become two runs."""
+    import benchmarks.common as common
+
+    class Clock:
+        seconds = 0
+
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:
+            cls.seconds += 1  # every call a second later
+            return datetime(2026, 11, 27, 6, 49, cls.seconds, tzinfo=tz)
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "datetime", Clock)
+    monkeypatch.setattr(common, "_RUN_AT", None)
+    lines = [common.emit("demo", f"m{i}", 1.0, "x", "b", 2.0, {}) for i in range(3)]
+    assert {line["at"] for line in lines} == {"2026-11-27T06:49:01+00:00"}
+    figures, _ = r.load_results(tmp_path)
+    assert len(r.group_runs(figures)["demo"]) == 1

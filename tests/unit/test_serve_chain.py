@@ -230,3 +230,65 @@ def test_a_late_but_healthy_dependency_does_not_open_its_breaker() -> None:
     timeouts = r.metrics.registry.get_sample_value("streamrec_serve_fallbacks_total",
                                                    {"step": "cache", "reason": "timeout"})
     assert timeouts == 4
+
+
+def test_an_answer_that_arrived_while_the_loop_was_busy_is_used_not_timed_out() -> None:
+    """A replica whose event loop is blocked past a step's timeout finds the dependency's answer and the
+    step's timer due in the same loop turn; the timer runs first. The answer had arrived, so it is used
+    (counted as late), not thrown away for a fallback."""
+    import time
+
+    key = cache_key(REGION, "v1", "u")
+    cache = Cache(entries={key: Answer(("a", "b", "c"), (3.0, 2.0, 1.0), "batch", "v1", NOW, 0).encode()},
+                  delay=0.001)
+    r = make(cache, Batch(), cache_timeout_ms=10)
+
+    async def go() -> Answer:
+        async def hog() -> None:  # another request's CPU work: blocks the loop for 30 ms
+            await asyncio.sleep(0)
+            time.sleep(0.03)
+
+        hogging = asyncio.ensure_future(hog())
+        answer = await r.recommend("u", 2, True, "v1")
+        await hogging
+        return answer
+
+    answer = run(go())
+    assert answer.source == "cache" and list(answer.item_ids) == ["a", "b"]
+    assert r.metrics.registry.get_sample_value("streamrec_serve_late_answers_total", {"step": "cache"}) == 1
+    assert r.metrics.registry.get_sample_value("streamrec_serve_fallbacks_total",
+                                               {"step": "cache", "reason": "timeout"}) is None
+
+
+def test_the_batch_read_and_the_realtime_call_run_side_by_side() -> None:
+    """A user who clicked after their batch recommendations waits for the slower of DynamoDB and the
+    retriever, not for both in turn."""
+    import time
+
+    cache = Cache(clicks={"u": [("x", MS - 10)]})
+    batch = Batch(recs={("u", "v1"): stored("u", "a b")}, delay=0.04)
+    retrieval = Retrieval(delay=0.04)
+    r = make(cache, batch, retrieval)
+    started = time.perf_counter()
+    answer = run(r.recommend("u", 2, True, "v1"))
+    elapsed = time.perf_counter() - started
+    assert answer.source == "realtime" and retrieval.calls == batch.calls == 1
+    assert elapsed < 0.075, elapsed  # one 40 ms wait, not two
+
+
+def test_a_batch_newer_than_every_click_drops_the_realtime_call_and_its_breaker_hears_the_outcome() -> None:
+    cache = Cache(clicks={"u": [("x", MS - 2 * 3_600_000)]})  # clicked before the batch was computed
+    batch = Batch(recs={("u", "v1"): stored("u", "a b c")}, delay=0.01)
+    retrieval = Retrieval(delay=0.03)
+    r = make(cache, batch, retrieval)
+    r.breakers["realtime"]._opened_at = -1e9  # long open: half-open, the next call is its trial
+
+    async def go() -> Answer:
+        answer = await r.recommend("u", 2, True, "v1")
+        await asyncio.sleep(0.05)  # the dropped call finishes on its own
+        return answer
+
+    answer = run(go())
+    assert (answer.source, answer.item_ids) == ("batch", ("a", "b"))  # x excluded, not in the list anyway
+    assert retrieval.calls == 1
+    assert r.breakers["realtime"].state.value == "closed"  # the trial's success was heard, not lost

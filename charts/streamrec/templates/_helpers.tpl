@@ -228,6 +228,19 @@ Ray pods: caches go to the writable /tmp (the root filesystem is read-only).
 {{- end }}
 
 {{/*
+Ray Serve's front end (serving.httpFront): read by Serve's processes when they start, so it is pod env.
+The same variables as ray_apps/serve/front.py (tests/charts checks that they agree).
+*/}}
+{{- define "streamrec.serveFrontEnv" -}}
+{{- if eq .Values.serving.httpFront "haproxy" }}
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
+{{- end }}
+
+{{/*
 NetworkPolicy egress to Redis: the dev Redis pod, the ElastiCache CIDRs, or any address.
 */}}
 {{- define "streamrec.redisPeer" -}}
