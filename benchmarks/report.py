@@ -176,6 +176,12 @@ class Run:
         return any(f.quick for f in self.figures)
 
     @property
+    def variant(self) -> str | None:
+        """What a run changed from the benchmark's stated set-up (``params.variant``), e.g. another load
+        generator: reported, never the headline run."""
+        return next((str(f.params["variant"]) for f in self.figures if f.params.get("variant")), None)
+
+    @property
     def machine(self) -> Mapping[str, Any]:
         return self.figures[0].machine
 
@@ -205,9 +211,11 @@ def _order_key(benchmark: str) -> tuple[int, str]:
 
 
 def latest_run(runs: Sequence[Run]) -> Run:
-    """The latest full run, or the latest quick run when there is no full one."""
+    """The latest full run of the stated set-up, or failing that the latest full run, or the latest
+    quick run when there is no full one."""
     full = [r for r in runs if not r.quick]
-    return (full or list(runs))[-1]
+    stated = [r for r in full if r.variant is None]
+    return (stated or full or list(runs))[-1]
 
 
 def missing_benchmarks(expected: Iterable[str], recorded: Iterable[str]) -> list[str]:

@@ -52,9 +52,11 @@ process to Redis (the ingress's GET + ZREVRANGE pipeline) and DynamoDB (moto ``G
 Variants: ``--serve-json`` overrides ServeSettings (the targets are stated for the defaults), e.g.
 ``'{"http_front": "proxy"}'`` for Serve's Python proxy actor; ``--ray-env K=V`` sets Serve switches for
 an experiment (with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` alone, no HAProxy, the load generator is
-pointed at the ingress replica's own port).
+pointed at the ingress replica's own port); ``--client raw`` swaps httpx for :mod:`benchmarks.rawhttp`, a
+minimal keep-alive GET client, to show how much of a latency figure is the load generator's own CPU (a
+variant run: reported, never the headline).
 
-    python -m benchmarks.serve [--quick] [--duration S] [--concurrency 1,8,32] [--ray-env K=V]
+    python -m benchmarks.serve [--quick] [--duration S] [--concurrency 1,8,32] [--ray-env K=V] [--client raw]
 
 Targets (issue), load generator included, 2-core machine: cache hit p99 < 15 ms at 8 clients and at
 least 60% of the baseline's RPS; real-time p99 < 40 ms.
@@ -494,6 +496,8 @@ async def closed_loop(client: Any, users: Users, classify: Callable[[int, bytes]
     Returns (latencies ms, sources, errors, measured seconds, pool exhausted)."""
     import httpx
 
+    from benchmarks.rawhttp import RawHttpError
+
     latencies: list[float] = []
     sources: Counter[str] = Counter()
     errors: Counter[str] = Counter()
@@ -513,7 +517,7 @@ async def closed_loop(client: Any, users: Users, classify: Callable[[int, bytes]
             try:
                 r = await client.get(f"/v1/users/{user}/recommendations", params={"k": K})
                 status, body = r.status_code, r.content
-            except httpx.HTTPError as exc:  # a timeout or a reset connection is a failed request, counted
+            except (httpx.HTTPError, RawHttpError) as exc:  # a timeout or a reset connection: a failed request
                 errors[type(exc).__name__] += 1
                 continue
             latencies.append((clock() - t0) * 1000)
@@ -692,9 +696,11 @@ async def prime_cache(w: World, concurrency: int,
 
 
 async def measure(w: World, target: str, concurrency: int, warmup_s: float, seconds: float,
-                  realtime: Users, settle_s: float = 0.0) -> Run:
+                  realtime: Users, settle_s: float = 0.0, client_kind: str = "httpx") -> Run:
     import httpx
     import numpy as np
+
+    from benchmarks.rawhttp import RawHttpClient
 
     base = w.plain_url if target == "plain" else w.serve_url
     classify = classify_plain if target == "plain" else classify_serve
@@ -702,7 +708,9 @@ async def measure(w: World, target: str, concurrency: int, warmup_s: float, seco
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     if target != "plain" and settle_s > 0:
         await asyncio.sleep(settle_s)  # an idle app: a breaker a previous run opened is half-open again
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
+    load = (RawHttpClient(base, concurrency) if client_kind == "raw"
+            else httpx.AsyncClient(base_url=base, limits=limits, timeout=10))
+    async with load as client:
         await closed_loop(client, users, classify, concurrency, warmup_s)
         before = after = None
         if target != "plain":
@@ -775,7 +783,8 @@ def benchmark(args: argparse.Namespace, levels: list[int], work: Path) -> int:
             for c in levels:
                 for target in ("plain", "cache", "realtime"):
                     run = runner.run(measure(w, target, c, args.warmup, args.duration, realtime,
-                                             w.settings.serve.breaker_reset_s + 0.5 if settle else 0.0))
+                                             w.settings.serve.breaker_reset_s + 0.5 if settle else 0.0,
+                                             args.client))
                     runs[(target, c)] = run
                     if target != "plain":  # did this run trip a breaker? then the next one starts after a pause
                         settle = any(k.split(":")[1] in ("timeout", "error", "circuit_open")
@@ -798,7 +807,8 @@ def benchmark(args: argparse.Namespace, levels: list[int], work: Path) -> int:
             "realtime_users": args.realtime_users, "clicks_per_user": CLICKS_PER_USER,
             "batch_items": BATCH_ITEMS, "batch_age_s": args.batch_age_s, "model": w.model,
             "serve_overrides": args.serve_overrides, "model_overrides": args.model_overrides,
-            "ray_env": args.ray_env, "serve_url": w.serve_url,
+            "ray_env": args.ray_env, "serve_url": w.serve_url, "client": args.client,
+            **({"variant": "raw load-generator client"} if args.client == "raw" else {}),
             "serve": {"deadline_ms": s.deadline_ms, "cache_timeout_ms": s.cache_timeout_ms,
                       "batch_timeout_ms": s.batch_timeout_ms, "realtime_timeout_ms": s.realtime_timeout_ms,
                       "cache_refresh_after_s": s.cache_refresh_after_s,
@@ -806,7 +816,10 @@ def benchmark(args: argparse.Namespace, levels: list[int], work: Path) -> int:
                       "http_front": s.http_front,
                       "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
                       "ray_num_cpus": 2},
-            "load_generator": f"closed loop, httpx {httpx.__version__} AsyncClient (keep-alive pool of N), "
+            "load_generator": ("closed loop, benchmarks.rawhttp (asyncio streams, N keep-alive connections), "
+                               if args.client == "raw" else
+                               f"closed loop, httpx {httpx.__version__} AsyncClient (keep-alive pool of N), ")
+                              +
                               f"{loop_name}, in the benchmark's main process (the Ray driver), sharing the 2 "
                               "cores with Serve, Redis, moto and the baseline",
             "baseline": f"plain FastAPI app, uvicorn {uvicorn.__version__} subprocess, 1 worker, loop auto, "
@@ -876,6 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for Ray and Serve (set before ray.init, inherited by the proxy "
                              "and the replicas), repeatable; e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
+                        help="load generator's HTTP client: httpx (the issue's, 2-3 ms of CPU per request here) "
+                             "or raw (benchmarks.rawhttp, a minimal keep-alive GET client: how much of a latency "
+                             "figure is the generator's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="work here and keep it (default: a temp dir)")
     args = parser.parse_args(argv)

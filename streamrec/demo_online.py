@@ -5,6 +5,7 @@ and the consumer into Redis; the answer is computed in real time from it)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -88,6 +89,8 @@ def show_online(settings: Any, config_path: Path, regions: tuple[str, ...], know
     from streamrec.devstack.process import free_port
 
     ensure_ray(settings)
+    # The demo reports Serve's progress itself; Serve's INFO lines in the driver would interleave with it.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     port = free_port()
     answers: list[ServedAnswer] = []
     try:

@@ -26,16 +26,24 @@ _ENV: dict[str, dict[str, str]] = {
     "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
     "proxy": {},
 }
+# A stopping Ingress replica behind HAProxy keeps serving for 30 s (Serve's default) so load balancers
+# can deregister it. A local cluster has none in front of it, and every `serve.shutdown()` (the demo, the
+# tests, Ctrl-C) would wait those 30 s.
+_LOCAL_ENV: dict[str, dict[str, str]] = {
+    "haproxy": {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},
+    "proxy": {},
+}
 
 
-def serve_env(front: HttpFront) -> dict[str, str]:
-    """The environment variables a Ray cluster's processes need for ``front``."""
-    return dict(_ENV[front])
+def serve_env(front: HttpFront, *, local: bool = False) -> dict[str, str]:
+    """The environment variables a Ray cluster's processes need for ``front`` (``local``: a cluster on
+    this machine, with no load balancer in front)."""
+    return {**_ENV[front], **(_LOCAL_ENV[front] if local else {})}
 
 
 def apply_serve_env(front: HttpFront, environ: MutableMapping[str, str]) -> dict[str, str]:
-    """Put ``front``'s variables into ``environ`` (before Ray starts), leaving any the operator already
-    set alone; returns what was added."""
-    added = {key: value for key, value in serve_env(front).items() if key not in environ}
+    """Put a local cluster's variables for ``front`` into ``environ`` (before Ray starts), leaving any the
+    operator already set alone; returns what was added."""
+    added = {key: value for key, value in serve_env(front, local=True).items() if key not in environ}
     environ.update(added)
     return added

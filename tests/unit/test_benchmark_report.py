@@ -303,3 +303,15 @@ def test_every_line_of_one_run_carries_the_same_stamp(tmp_path: Path, monkeypatc
     assert {line["at"] for line in lines} == {"2026-11-27T06:49:01+00:00"}
     figures, _ = r.load_results(tmp_path)
     assert len(r.group_runs(figures)["demo"]) == 1
+
+
+def test_the_headline_run_is_the_latest_full_run_of_the_stated_set_up() -> None:
+    def run(at: str, **params: Any) -> r.Run:
+        fig = r.Figure(benchmark="serve", metric="m", value=1.0, unit="x", baseline_metric="b", baseline_value=1.0,
+                       ratio=1.0, machine={}, params=params, at=at, extra={})
+        return r.Run("serve", at, (fig,))
+
+    stated, variant, quick = run("1", quick=False), run("2", quick=False, variant="raw client"), run("3", quick=True)
+    assert r.latest_run([stated, variant, quick]) is stated
+    assert r.latest_run([variant, quick]) is variant
+    assert r.latest_run([quick]) is quick
