@@ -104,6 +104,7 @@ class ChildState:
 
     phase: str
     message: str = ""
+    permanent: bool = False  # Failed, and retrying cannot help (the stage refused its input)
 
     @property
     def active(self) -> bool:
@@ -185,10 +186,18 @@ def _metadata(run: RunRef, child: ChildRef) -> dict[str, Any]:
 # --------------------------------------------------------------------------- RayJob (train, score)
 
 
-def stage_command(stage: str, spec: RunSpec) -> list[str]:
-    """``streamrec pipeline stage <stage> ...`` for ``spec`` (the RayJob's entrypoint, as arguments)."""
+def refusal_key(run: RunRef, child: ChildRef) -> str:
+    """Names one attempt of one run object (see :func:`operators.pipeline.stage_refusal_path`)."""
+    return f"{run.uid}-{child.name}"
+
+
+def stage_command(stage: str, spec: RunSpec, refusal: str | None = None) -> list[str]:
+    """``streamrec pipeline stage <stage> ...`` for ``spec`` (the RayJob's entrypoint, as arguments);
+    ``refusal``: the key under which the stage records a refusal of its input."""
     manifest = spec.to_manifest()
     args = ["streamrec", "pipeline", "stage", stage, "--region", spec.region, "--date", manifest["date"]]
+    if refusal:
+        args += ["--refusal-key", refusal]
     if "endDate" in manifest:
         args += ["--end-date", manifest["endDate"]]
     if spec.overrides:
@@ -278,7 +287,7 @@ def rayjob(settings: Settings, spec: RunSpec, run: RunRef, child: ChildRef) -> d
         "kind": RAYJOB,
         "metadata": _metadata(run, child),
         "spec": {
-            "entrypoint": shlex.join(stage_command(child.stage, spec)),
+            "entrypoint": shlex.join(stage_command(child.stage, spec, refusal_key(run, child))),
             "submissionMode": "K8sJobMode",
             "submitterPodTemplate": submitter,
             # The controller retries a failed attempt itself, as a new RayJob: KubeRay must not.
@@ -496,5 +505,5 @@ __all__ = [
     "NAME_LIMITS", "RAYJOB", "RAY_STAGES", "RunRef", "SPARK_APPLICATION", "emr_client_token",
     "emr_job_run_state", "emr_request", "etl_days", "etl_kind", "kube_child_name", "kube_manifest",
     "label_value", "labels", "rayjob", "rayjob_state", "run_selector", "spark_application",
-    "spark_application_state", "stage_children", "stage_command",
+    "refusal_key", "spark_application_state", "stage_children", "stage_command",
 ]

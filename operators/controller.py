@@ -34,6 +34,7 @@ from typing import Any
 from operators import metrics
 from operators.children import (
     EMR_JOB_RUN,
+    FAILED,
     KUBE_KINDS,
     RAYJOB,
     SPARK_APPLICATION,
@@ -44,6 +45,7 @@ from operators.children import (
     emr_request,
     kube_manifest,
     rayjob_state,
+    refusal_key,
     run_selector,
     spark_application_state,
 )
@@ -71,6 +73,7 @@ from operators.stages import (
     StageFn,
     StageRefused,
     etl_result,
+    read_refusal,
     read_result,
     record_run,
     write_result,
@@ -507,7 +510,14 @@ class Controller:
         if found is not None and not _owned_by(found, run):
             return ChildState("Pending", f"{child.kind} {child.name} of an earlier run of the same name is "
                                          "still there (waiting for the garbage collector)")
-        return rayjob_state(found) if child.kind == RAYJOB else spark_application_state(found)
+        if child.kind != RAYJOB:
+            return spark_application_state(found)
+        state = rayjob_state(found)
+        if state.phase == FAILED:  # refused its input (recorded by the stage command)? then no retry
+            refused = await self._io(read_refusal, settings, spec, refusal_key(run, child))
+            if refused is not None:
+                state = ChildState(FAILED, f"{state.message}; refused: {refused}", permanent=True)
+        return state
 
     async def _find_job_run(self, child: ChildRef, run: RunRef, spec: RunSpec, settings: Settings,
                             obj: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -31,10 +31,12 @@ logger = logging.getLogger(__name__)
 class PipelineFailed(RuntimeError):
     """A stage failed for good (refused, or out of attempts); earlier stages' results are kept."""
 
-    def __init__(self, stage: str, attempts: int, message: str) -> None:
+    def __init__(self, stage: str, attempts: int, message: str, *, refused: bool = False) -> None:
         super().__init__(f"stage {stage} failed after {attempts} attempt(s): {message}")
         self.stage = stage
         self.attempts = attempts
+        self.reason = message
+        self.refused = refused  # StageRefused: retrying cannot help
 
 
 @dataclass
@@ -120,7 +122,7 @@ def _run_stage(settings: Settings, spec: RunSpec, stage: str, fn: StageFn, done:
         try:
             result = fn(settings, spec, done)
         except StageRefused as exc:
-            raise PipelineFailed(stage, attempt, str(exc)) from None
+            raise PipelineFailed(stage, attempt, str(exc), refused=True) from None
         except StageError as exc:
             if attempt == attempts:
                 raise PipelineFailed(stage, attempt, str(exc)) from None

@@ -151,6 +151,14 @@ def stage_result_path(layout: LakeLayout, spec: RunSpec, stage: str) -> str:
     return posixpath.join(layout.partition("runs", spec.region, spec.day), spec.run_id, f"{stage}.json")
 
 
+def stage_refusal_path(layout: LakeLayout, spec: RunSpec, child_key: str) -> str:
+    """Where a stage run as a child job (a RayJob) records that it REFUSED its input, so the controller can
+    fail the run at once instead of retrying the job. ``child_key`` names one attempt of one run object
+    (the run's uid and the child's name), so a record never outlives the attempt it is about."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in child_key)
+    return posixpath.join(layout.partition("runs", spec.region, spec.day), spec.run_id, "refusals", f"{safe}.json")
+
+
 def settings_overrides(base: Mapping[str, Any], overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``base`` (a settings document) with each overridden section's keys replaced, one level deep
     (``{train: {epochs: 5}}`` changes only train.epochs)."""
@@ -183,5 +191,5 @@ class StageResult:
 
 __all__ = [
     "API_GROUP", "API_VERSION", "KIND", "OVERRIDABLE", "PLURAL", "RunSpec", "STAGES", "SpecError",
-    "StageResult", "child_name", "daily_run_name", "settings_overrides", "stage_result_path",
+    "StageResult", "child_name", "daily_run_name", "settings_overrides", "stage_refusal_path", "stage_result_path",
 ]

@@ -373,7 +373,7 @@ class _Step:
             self._create(entry, child)
             return None
         if state.phase == FAILED:
-            return Failure(state.message)
+            return Failure(state.message, permanent=state.permanent)
         if state.phase == SUCCEEDED:
             if stage != "etl":
                 return Failure(f"{state.message} but wrote no result file for the stage")

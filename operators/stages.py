@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from operators.pipeline import RunSpec, StageResult, stage_result_path
+from operators.pipeline import RunSpec, StageResult, stage_refusal_path, stage_result_path
 from streamrec.lake import LakeLayout, filesystem
 from streamrec.settings import Settings
 
@@ -64,6 +64,26 @@ def write_result(settings: Settings, spec: RunSpec, result: StageResult) -> str:
     path = stage_result_path(layout, spec, result.stage)
     write_bytes_atomic(fs, path, result.to_json())
     return layout.to_uri(path)
+
+
+def write_refusal(settings: Settings, spec: RunSpec, child_key: str, message: str) -> str:
+    """Record that the attempt ``child_key`` refused its input (see :func:`stage_refusal_path`)."""
+    from ray_apps.ann import write_bytes_atomic
+
+    layout, fs = _lake(settings, spec.region)
+    path = stage_refusal_path(layout, spec, child_key)
+    write_bytes_atomic(fs, path, json.dumps({"message": message}).encode())
+    return layout.to_uri(path)
+
+
+def read_refusal(settings: Settings, spec: RunSpec, child_key: str) -> str | None:
+    """The refusal message the attempt ``child_key`` recorded, or None when it recorded none."""
+    layout, fs = _lake(settings, spec.region)
+    try:
+        with fs.open_input_stream(stage_refusal_path(layout, spec, child_key)) as f:
+            return str(json.loads(f.read())["message"])
+    except FileNotFoundError:
+        return None
 
 
 # --------------------------------------------------------------------------- etl
@@ -332,7 +352,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["STAGE_FUNCTIONS", "StageError", "StageFn", "StageRefused", "etl_result", "now_iso", "read_result",
-           "record_run", "run_record",
+__all__ = ["STAGE_FUNCTIONS", "StageError", "StageFn", "StageRefused", "etl_result", "now_iso", "read_refusal",
+           "read_result", "record_run", "run_record",
            "run_etl", "run_promote", "run_score", "run_sync", "run_train", "synced_counts", "version_to_serve",
-           "write_result"]
+           "write_refusal", "write_result"]

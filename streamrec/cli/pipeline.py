@@ -103,6 +103,10 @@ def stage(
     day: DateOption,
     end_day: EndDateOption = None,
     overrides: OverridesOption = None,
+    refusal_key: Annotated[Optional[str], typer.Option(
+        "--refusal-key", help="Record a refusal of the stage's input under this key in the run's folder "
+                              "(the controller passes one per RayJob attempt and fails the run at once "
+                              "instead of retrying).", show_default=False)] = None,
     config: ConfigOption = None,
 ) -> None:
     """Run ONE stage of a run (the entrypoint of the controller's RayJobs) and write its result file.
@@ -125,6 +129,10 @@ def stage(
     except SpecError as exc:
         raise UserError(str(exc)) from None
     except PipelineFailed as exc:
+        if exc.refused and refusal_key:
+            from operators.stages import write_refusal
+
+            write_refusal(settings, spec, refusal_key, exc.reason)
         console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(result.stages[-1].result.message, highlight=False, soft_wrap=True)

@@ -388,6 +388,46 @@ async def test_a_failing_child_is_retried_then_the_run_fails(emulator: Any, tmp_
     assert_no_server_errors(emulator)
 
 
+async def test_a_rayjob_that_refused_its_input_fails_the_run_without_a_retry(emulator: Any,
+                                                                          tmp_path: Path) -> None:
+    """The RayJob's entrypoint, run for real (``streamrec pipeline stage train ... --refusal-key K``, as
+    the job's driver would) on a lake with no features, refuses and records it; KubeRay reports the job
+    FAILED; the controller reads the refusal and fails the run as StageRefused, with no attempt 2."""
+    import shlex
+
+    import typer
+    from typer.testing import CliRunner
+
+    from streamrec.cli import pipeline as pipeline_cli
+
+    settings = make_settings(f"file://{tmp_path / 'lake'}")
+    config = tmp_path / "streamrec.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    run = "us-east-1-2026-11-20"
+    fakes = FakeStages()
+    async with operator(emulator, make_controller(emulator, settings, fakes)):
+        await create_run(emulator, run, date="2026-11-20", stages=["train"])
+        job = await until(lambda: get(emulator, RAYJOBS, f"{run}-train-1"), "attempt 1")
+        args = shlex.split(job["spec"]["entrypoint"])
+        assert args[:4] == ["streamrec", "pipeline", "stage", "train"] and "--refusal-key" in args
+        args[args.index("--config") + 1] = str(config)
+        root = typer.Typer()
+        root.add_typer(pipeline_cli.app, name="pipeline")
+        result = await asyncio.to_thread(CliRunner().invoke, root, args[1:])
+        assert result.exit_code == 1, result.output
+        emulator.objects[RAYJOBS, NS, f"{run}-train-1"].patch(
+            {"status": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
+                        "message": "Job entrypoint command failed with exit code 1"}})
+        await until(lambda: status(emulator, run).get("phase") == "Failed", "the run to fail")
+        failed = condition(emulator, run, "Failed")
+
+    assert (failed["status"], failed["reason"]) == ("True", "StageRefused")
+    assert "features" in failed["message"] and "refused" in failed["message"]
+    assert posts(emulator, RAYJOBS) == [f"{run}-train-1"]  # no second attempt
+    assert_status_valid(emulator, run)
+    assert_no_server_errors(emulator)
+
+
 async def test_a_restarted_controller_resumes_without_duplicate_children(emulator: Any,
                                                                          tmp_path: Path) -> None:
     """The controller stops mid-run (twice: during the ETL, during training); each new one resumes

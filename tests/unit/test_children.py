@@ -40,6 +40,7 @@ from operators.children import (
     spark_application,
     spark_application_state,
     stage_children,
+    refusal_key,
     stage_command,
 )
 from operators.pipeline import RunSpec, child_name
@@ -165,16 +166,18 @@ def _parse_streamrec(args: list[str]) -> dict[str, Any]:
 def test_rayjob_entrypoint_is_the_pipeline_stage_command() -> None:
     obj = rayjob(SETTINGS, SPEC, RUN, ray_child("score"))
     args = shlex.split(obj["spec"]["entrypoint"])
+    key = refusal_key(RUN, ray_child("score"))
     assert args == ["streamrec", "pipeline", "stage", "score", "--region", REGION, "--date", "2026-11-25",
-                    "--config", CONFIG_PATH]
+                    "--refusal-key", key, "--config", CONFIG_PATH]
     params = _parse_streamrec(args[1:])
     assert params["name"] == "score" and params["region"] == REGION and params["day"] == "2026-11-25"
     assert str(params["config"]) == CONFIG_PATH and params["end_day"] is None and params["overrides"] is None
+    assert params["refusal_key"] == key and RUN.uid in key and ray_child("score").name in key
 
 
 def test_rayjob_entrypoint_carries_backfill_and_overrides_through_the_shell() -> None:
     args = shlex.split(rayjob(SETTINGS, BACKFILL, RUN, ray_child())["spec"]["entrypoint"])
-    assert args == stage_command("train", BACKFILL)
+    assert args == stage_command("train", BACKFILL, refusal_key(RUN, ray_child()))
     params = _parse_streamrec(args[1:])
     assert (params["day"], params["end_day"]) == ("2026-11-01", "2026-11-25")
     assert json.loads(params["overrides"]) == {"gate": {"min_lift_over_popular": 0.1}, "train": {"epochs": 5}}

@@ -141,9 +141,10 @@ def render(action: Any) -> str:
 
 
 def run_decide(status: Mapping[str, Any], *, results: Mapping[str, StageResult] | None = None,
-               children: Mapping[str, str] | None = None, failures: Mapping[str, Failure] | None = None,
+               children: Mapping[str, str | ChildState] | None = None, failures: Mapping[str, Failure] | None = None,
                spec: RunSpec = SPEC, settings: PipelineSettings = SETTINGS, now: datetime = NOW) -> Decision:
-    states = {name: ChildState(phase, f"{name} is {phase}") for name, phase in (children or {}).items()}
+    states = {name: phase if isinstance(phase, ChildState) else ChildState(phase, f"{name} is {phase}")
+              for name, phase in (children or {}).items()}
     observed = Observation(RUN, 3, dict(results or {}), states, dict(failures or {}))
     before = copy.deepcopy(dict(status))
     decision = decide(spec, status, observed, now, settings)
@@ -335,6 +336,14 @@ def test_a_refusal_fails_with_reason_stage_refused() -> None:
     assert decision.failed == "stage sync refused: no recs"
     assert condition(decision.status, "Failed")["reason"] == "StageRefused"
     assert decision.status["stages"]["sync"]["message"] == "refused: no recs"
+
+
+def test_a_child_that_refused_its_input_fails_the_run_on_its_first_attempt() -> None:
+    refused = ChildState("Failed", f"{child('train')} FAILED; refused: no features", permanent=True)
+    decision = run_decide(TRAIN_RUNNING, children={child("train"): refused})
+    assert decision.failed == f"stage train refused: {child('train')} FAILED; refused: no features"
+    assert condition(decision.status, "Failed")["reason"] == "StageRefused"
+    assert decision.status["stages"]["train"]["attempts"] == 1 and not decision.actions
 
 
 def test_a_successful_run_reports_model_gate_and_counts() -> None:
