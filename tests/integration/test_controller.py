@@ -313,8 +313,10 @@ async def test_a_run_creates_its_children_in_order_and_succeeds(emulator: Any, t
         train = await until(lambda: get(emulator, RAYJOBS, f"{run}-train-1"), "the training RayJob")
         assert stage(emulator, run, "etl")["state"] == "Succeeded"
         assert stage(emulator, run, "etl")["outputs"] == {"clean_rows": 1000, "days": 1}
+        uid = train["metadata"]["ownerReferences"][0]["uid"]
         assert train["spec"]["entrypoint"] == ("streamrec pipeline stage train --region us-east-1 "
-                                               "--date 2026-11-25 --config /etc/streamrec/streamrec.yaml")
+                                               f"--date 2026-11-25 --refusal-key {uid}-{run}-train-1 "
+                                               "--config /etc/streamrec/streamrec.yaml")
         assert train["metadata"]["labels"]["streamrec.io/stage"] == "train"
         finish_rayjob(emulator, settings, spec, f"{run}-train-1", StageResult("train", TRAIN_OUTPUTS, "ok"))
 
