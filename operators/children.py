@@ -191,13 +191,12 @@ def refusal_key(run: RunRef, child: ChildRef) -> str:
     return f"{run.uid}-{child.name}"
 
 
-def stage_command(stage: str, spec: RunSpec, refusal: str | None = None) -> list[str]:
+def stage_command(stage: str, spec: RunSpec, refusal: str) -> list[str]:
     """``streamrec pipeline stage <stage> ...`` for ``spec`` (the RayJob's entrypoint, as arguments);
     ``refusal``: the key under which the stage records a refusal of its input."""
     manifest = spec.to_manifest()
-    args = ["streamrec", "pipeline", "stage", stage, "--region", spec.region, "--date", manifest["date"]]
-    if refusal:
-        args += ["--refusal-key", refusal]
+    args = ["streamrec", "pipeline", "stage", stage, "--region", spec.region, "--date", manifest["date"],
+            "--refusal-key", refusal]
     if "endDate" in manifest:
         args += ["--end-date", manifest["endDate"]]
     if spec.overrides:

@@ -46,44 +46,47 @@ def _lake(settings: Settings, region: str) -> tuple[LakeLayout, Any]:
     return LakeLayout(uri), filesystem(uri, endpoint_url=settings.aws.endpoint_url, region=region)
 
 
-def read_result(settings: Settings, spec: RunSpec, stage: str) -> StageResult | None:
-    """The stage's result file for this run, or None when the stage has not finished."""
+def _read_run_file(settings: Settings, spec: RunSpec, path: Callable[[LakeLayout], str]) -> bytes | None:
+    """A file of the run's folder in the lake (``path`` of the region's layout), or None when absent."""
     layout, fs = _lake(settings, spec.region)
     try:
-        with fs.open_input_stream(stage_result_path(layout, spec, stage)) as f:
-            return StageResult.from_json(f.read())
+        with fs.open_input_stream(path(layout)) as f:
+            return f.read()
     except FileNotFoundError:
         return None
+
+
+def _write_run_file(settings: Settings, spec: RunSpec, path: Callable[[LakeLayout], str], data: bytes) -> str:
+    """Write a file of the run's folder atomically (readers see all of it or nothing); its URI."""
+    from ray_apps.ann import write_bytes_atomic
+
+    layout, fs = _lake(settings, spec.region)
+    write_bytes_atomic(fs, path(layout), data)
+    return layout.to_uri(path(layout))
+
+
+def read_result(settings: Settings, spec: RunSpec, stage: str) -> StageResult | None:
+    """The stage's result file for this run, or None when the stage has not finished."""
+    raw = _read_run_file(settings, spec, lambda layout: stage_result_path(layout, spec, stage))
+    return None if raw is None else StageResult.from_json(raw)
 
 
 def write_result(settings: Settings, spec: RunSpec, result: StageResult) -> str:
     """Persist a finished stage's result (atomically: readers see all of it or nothing)."""
-    from ray_apps.ann import write_bytes_atomic
-
-    layout, fs = _lake(settings, spec.region)
-    path = stage_result_path(layout, spec, result.stage)
-    write_bytes_atomic(fs, path, result.to_json())
-    return layout.to_uri(path)
+    return _write_run_file(settings, spec, lambda layout: stage_result_path(layout, spec, result.stage),
+                           result.to_json())
 
 
 def write_refusal(settings: Settings, spec: RunSpec, child_key: str, message: str) -> str:
     """Record that the attempt ``child_key`` refused its input (see :func:`stage_refusal_path`)."""
-    from ray_apps.ann import write_bytes_atomic
-
-    layout, fs = _lake(settings, spec.region)
-    path = stage_refusal_path(layout, spec, child_key)
-    write_bytes_atomic(fs, path, json.dumps({"message": message}).encode())
-    return layout.to_uri(path)
+    return _write_run_file(settings, spec, lambda layout: stage_refusal_path(layout, spec, child_key),
+                           json.dumps({"message": message}).encode())
 
 
 def read_refusal(settings: Settings, spec: RunSpec, child_key: str) -> str | None:
     """The refusal message the attempt ``child_key`` recorded, or None when it recorded none."""
-    layout, fs = _lake(settings, spec.region)
-    try:
-        with fs.open_input_stream(stage_refusal_path(layout, spec, child_key)) as f:
-            return str(json.loads(f.read())["message"])
-    except FileNotFoundError:
-        return None
+    raw = _read_run_file(settings, spec, lambda layout: stage_refusal_path(layout, spec, child_key))
+    return None if raw is None else str(json.loads(raw)["message"])
 
 
 # --------------------------------------------------------------------------- etl

@@ -14,7 +14,6 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -88,7 +87,7 @@ class Retriever:
         start or a swap would fall back to popularity."""
         history = list(itertools.islice(loaded.positions, 1))  # any one item (not a list of them all)
         for _ in range(3):
-            loaded.index.search(_user_vector(loaded, self.region, history, None), 10, exclude=[history])
+            _recommend(loaded, self.region, [RealtimeQuery(history, 10, history, None)])
 
     def _current(self) -> LoadedVersion:
         active = self._active
@@ -105,10 +104,7 @@ class Retriever:
     def recommend_many(self, queries: Sequence[RealtimeQuery]) -> list[tuple[list[str], list[float], str]]:
         """:meth:`recommend` for several users at once, all on the same version: one user-tower pass
         and one index search for the batch (what Serve's request batching hands the deployment)."""
-        active = self._current()
-        vectors = _user_vectors(active, self.region, [q.history for q in queries], [q.hour for q in queries])
-        ids, scores = active.index.search(vectors, max(q.k for q in queries), exclude=[q.exclude for q in queries])
-        return [_row(ids[i, :q.k], scores[i, :q.k], active.version) for i, q in enumerate(queries)]
+        return _recommend(self._current(), self.region, queries)
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float], str]:
         """The ``k`` items nearest to ``item_id`` in the item-embedding space (itself left out).
@@ -117,27 +113,22 @@ class Retriever:
         row = active.positions.get(item_id)
         if row is None:
             raise KeyError(item_id)
-        return _first_row(*active.index.search(active.embeddings[row: row + 1], k, exclude=[[item_id]]),
-                          active.version)
+        ids, scores = active.index.search(active.embeddings[row: row + 1], k, exclude=[[item_id]])
+        return _row(ids[0], scores[0], active.version)
 
 
-def _user_vector(loaded: LoadedVersion, region: str, history: Sequence[str], hour: int | None) -> np.ndarray:
-    """The user tower's vector (1 x dim) for a user known only by their recent items."""
-    return _user_vectors(loaded, region, [list(history)], hour)
-
-
-def _user_vectors(loaded: LoadedVersion, region: str, histories: list[list[str]], hours: Any) -> np.ndarray:
-    """The user tower's vectors (B x dim); ``hours`` is one hour for all or one per user."""
+def _recommend(loaded: LoadedVersion, region: str,
+               queries: Sequence[RealtimeQuery]) -> list[tuple[list[str], list[float], str]]:
+    """The real-time path on ``loaded``: the user tower on every query's history (one pass), one index
+    search with the largest ``k`` asked, each row cut to its own ``k``."""
     import torch
 
-    encoded = encode_users(histories, region, None, hours, None, config=loaded.model.config)
+    encoded = encode_users([q.history for q in queries], region, None, [q.hour for q in queries], None,
+                           config=loaded.model.config)
     with torch.inference_mode():
-        return loaded.model.user_embeddings(as_tensors(encoded, "cpu")).float().numpy()
-
-
-def _first_row(ids: np.ndarray, scores: np.ndarray, version: str) -> tuple[list[str], list[float], str]:
-    """A one-query search result as plain lists, without the padding of a catalogue shorter than k."""
-    return _row(ids[0], scores[0], version)
+        vectors = loaded.model.user_embeddings(as_tensors(encoded, "cpu")).float().numpy()
+    ids, scores = loaded.index.search(vectors, max(q.k for q in queries), exclude=[q.exclude for q in queries])
+    return [_row(ids[i, :q.k], scores[i, :q.k], loaded.version) for i, q in enumerate(queries)]
 
 
 def _row(ids: np.ndarray, scores: np.ndarray, version: str) -> tuple[list[str], list[float], str]:
