@@ -27,7 +27,11 @@ RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \
     && python -c "import ray, torch, ray_apps.serve.schemas; assert ray.__version__ == '2.60.0', ray.__version__" \
     && rm -rf /tmp/src
 
+# The code version recorded in every model version's manifest (ray_apps.registry.code_version): the
+# build context carries no .git, so skaffold passes the commit (empty: the package version is used).
+ARG STREAMREC_CODE_VERSION=""
 ENV PYTHONUNBUFFERED=1 \
-    STREAMREC_CONFIG=/etc/streamrec/streamrec.yaml
+    STREAMREC_CONFIG=/etc/streamrec/streamrec.yaml \
+    STREAMREC_CODE_VERSION=${STREAMREC_CODE_VERSION}
 USER 1000:100
 WORKDIR /home/ray

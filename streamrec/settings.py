@@ -22,8 +22,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from streamrec.lake import validate_lake_uri
 
 CONFIG_ENV = "STREAMREC_CONFIG"
-# STREAMREC_* variables that are not settings (read by the CLI and the dev stack).
-NON_SETTING_ENV = {"STREAMREC_CONFIG", "STREAMREC_HOME"}
+# STREAMREC_* variables that are not settings: read by the CLI and the dev stack, and the code version
+# the Ray image carries (ray_apps.registry.code_version; a build argument of docker/ray.Dockerfile).
+NON_SETTING_ENV = {"STREAMREC_CONFIG", "STREAMREC_HOME", "STREAMREC_CODE_VERSION"}
 LOCAL_PII_SALT = "streamrec-local-salt"
 # The settings-source hook is a classmethod with a fixed signature; the YAML path reaches it this way.
 _yaml_path: ContextVar[Path | None] = ContextVar("streamrec_yaml_path", default=None)

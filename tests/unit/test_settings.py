@@ -156,9 +156,11 @@ def test_config_env_var_is_read_and_explicit_path_wins(
     assert load_settings(explicit).log_level == "ERROR"
 
 
-def test_unrelated_streamrec_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
-    # STREAMREC_HOME (the dev stack's state dir) shares the prefix but is not a setting.
-    monkeypatch.setenv("STREAMREC_HOME", "/somewhere")
+@pytest.mark.parametrize("name", ["STREAMREC_HOME", "STREAMREC_CODE_VERSION"])
+def test_unrelated_streamrec_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # The dev stack's state dir and the code version an image carries share the prefix but are not
+    # settings: a process that has them set must still start.
+    monkeypatch.setenv(name, "somewhere")
     assert load_settings().environment == "local"
 
 
