@@ -166,9 +166,9 @@ class AnnIndex:
         float32, -inf = padding)``. Usable results come first in each row, best first.
 
         Exclusion is vectorised: the index is asked once for ``k`` + the longest exclusion list of the
-        batch, every (row, excluded position) pair is matched against that row's candidates with one
-        sorted search over offset-encoded ``row * (N + 1) + position + 1`` codes, and the first ``k``
-        remaining candidates of each row are gathered with a cumulative count. A row an approximate
+        batch, every (row, excluded position) pair is compared with that row's candidates, rows whose
+        first ``k`` candidates all stand (most rows) are copied as they are, and only the others are
+        compacted (the first ``k`` remaining candidates, by a cumulative count). A row an approximate
         index left short is searched again (see below); the rest of the batch is done.
         """
         if k < 1:
@@ -192,21 +192,26 @@ class AnnIndex:
         for round_ in range(_MAX_ESCALATIONS + 1):
             final = self.kind == "exact" or round_ == _MAX_ESCALATIONS
             scores, pos = self._raw_search(q[pending], fetch, effort=2**round_, exhaustive=final)
-            if pairs is None and pos.shape[1] >= k and (pos[:, :k] >= 0).all():  # the common case
-                out_pos[pending] = pos[:, :k]
-                out_scores[pending] = scores[:, :k]
-                break
             keep = pos >= 0
             if pairs is not None:
                 keep &= ~self._excluded_mask(pos, pending, pairs, n)
+            # The compaction below costs several times the copy of a row: only rows that need it get it.
+            whole = keep[:, :k].all(axis=1) if pos.shape[1] >= k else np.zeros(len(pending), dtype=bool)
+            if whole.any():
+                out_pos[pending[whole]] = pos[whole, :k]
+                out_scores[pending[whole]] = scores[whole, :k]
+            part = np.flatnonzero(~whole)
+            if part.size == 0:
+                break
+            keep, pos, scores = keep[part], pos[part], scores[part]
             rank = np.cumsum(keep, axis=1)  # rank[r, c]: usable candidates in row r up to column c
-            done = (rank[:, -1] >= k) if not final else np.ones(len(pending), dtype=bool)
+            done = (rank[:, -1] >= k) if not final else np.ones(len(part), dtype=bool)
             take = keep & (rank <= k) & done[:, None]
             rows, cols = np.nonzero(take)  # row-major: each row's columns in rank order
-            dest = pending[rows], rank[rows, cols] - 1
+            dest = pending[part[rows]], rank[rows, cols] - 1
             out_pos[dest] = pos[rows, cols]
             out_scores[dest] = scores[rows, cols]
-            pending = pending[~done]
+            pending = pending[part[~done]]
             if pending.size == 0:
                 break
             fetch = min(len(self), fetch * 2)
@@ -216,23 +221,18 @@ class AnnIndex:
                        batch: int) -> np.ndarray:
         """``[len(pending), fetch]`` bool: candidate ``pos[r, c]`` is excluded for query ``pending[r]``.
 
-        Codes ``row * (N + 1) + position + 1`` are unique per (row, item) and never 0 mod N + 1, so
-        faiss's -1 ("no result") matches nothing; one ``searchsorted`` over the sorted excluded codes
-        tests every candidate of the rows that have exclusions."""
+        Each (row, excluded position) pair is compared with its row's candidates: a pair costs one
+        row of comparisons, and there are few pairs per row (faiss's -1, "no result", matches no
+        position)."""
         ex_rows, ex_pos = pairs
-        stride = len(self) + 1
         slot = np.full(batch, -1, dtype=np.int64)
         slot[pending] = np.arange(len(pending))
         mine = slot[ex_rows]
         ok = mine >= 0  # pairs of rows searched in this round
-        codes = np.unique(mine[ok] * stride + ex_pos[ok] + 1)
+        rows, excluded = mine[ok], ex_pos[ok]
         mask = np.zeros(pos.shape, dtype=bool)
-        if codes.size == 0:
-            return mask
-        rows = np.unique(mine[ok])  # only these rows can have excluded candidates
-        cand = rows[:, None] * stride + pos[rows] + 1
-        at = np.minimum(np.searchsorted(codes, cand), codes.size - 1)
-        mask[rows] = codes[at] == cand
+        hit, col = np.nonzero(pos[rows] == excluded[:, None])
+        mask[rows[hit], col] = True
         return mask
 
     def _exclusion_pairs(self, exclude: Exclusions, batch: int) -> tuple[np.ndarray, np.ndarray] | None:
