@@ -8,6 +8,7 @@ typo fails at start-up naming the key, never silently later.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextvars import ContextVar
@@ -29,6 +30,19 @@ LOCAL_PII_SALT = "streamrec-local-salt"
 # The settings-source hook is a classmethod with a fixed signature; the YAML path reaches it this way.
 _yaml_path: ContextVar[Path | None] = ContextVar("streamrec_yaml_path", default=None)
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+_CPU_RE = re.compile(r"^(\d+(\.\d+)?)(m?)$")
+# Ray Data's read and write tasks ask for one CPU each: the training workers or scoring actors of a
+# stage must leave at least this much of the cluster free, or the stage waits forever for its input.
+RAY_DATA_TASK_CPUS = 1.0
+
+
+def cpu_quantity(value: str) -> float:
+    """A Kubernetes CPU quantity (``"7"``, ``"1.5"``, ``"500m"``) in CPUs."""
+    match = _CPU_RE.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a CPU quantity (e.g. \"7\", \"1.5\" or \"500m\")")
+    number = float(match.group(1))
+    return number / 1000 if match.group(3) else number
 
 
 class SettingsError(ValueError):
@@ -207,7 +221,8 @@ class TrainSettings(_Strict):
     """Two-tower training with Ray Train (ray_apps/train.py). Local defaults suit 2 cores."""
 
     # -- Data-parallel workers and CPUs per worker: Ray Data ingest needs spare CPUs, so 2 workers x 0.5
-    # CPU on a 2-core box (2 x 1 CPU hangs there); on R5 nodes e.g. 4 x 4.
+    # CPU on a 2-core box (2 x 1 CPU hangs there); in the chart's RayJob (2 pods x 7 CPUs) 2 x 6. Outside
+    # local the settings refuse a size that does not fit pipeline.rayjob (ray_stage_cpu_problems).
     workers: int = Field(2, ge=1, le=512)
     cpus_per_worker: float = Field(0.5, gt=0, le=96)
     # -- "auto" uses one GPU per worker when the Ray cluster has GPUs (NCCL, bf16 autocast), else CPU (gloo).
@@ -379,6 +394,18 @@ class RayJobTemplate(_Strict):
     # chart fills it with what every other streamrec pod gets.
     env: tuple[dict[str, Any], ...] = ()
 
+    @field_validator("head_cpu", "worker_cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        if cpu_quantity(v) <= 0:
+            raise ValueError(f"{v!r}: a Ray pod needs a positive number of CPUs")
+        return v
+
+    @property
+    def cluster_cpus(self) -> float:
+        """The CPUs Ray offers in a RayJob's cluster: the workers' (the head offers none)."""
+        return self.worker_replicas * cpu_quantity(self.worker_cpu)
+
 
 class PipelineSettings(_Strict):
     """The daily PipelineRun (operators/): stage backends, retries, and the child templates."""
@@ -462,6 +489,14 @@ class Settings(BaseSettings):
                              "(the public default would make hashed IP addresses reversible)")
         return self
 
+    @model_validator(mode="after")
+    def _ray_stages_fit_their_rayjob(self) -> "Settings":
+        if self.environment != "local":  # locally the cluster is this machine, sized by the defaults
+            problems = ray_stage_cpu_problems(self)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
+
     def region(self, name: str) -> RegionSettings:
         try:
             return self.regions[name]
@@ -479,6 +514,45 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _YamlSource(settings_cls, _yaml_path.get())
+
+
+def ray_stage_cpu_problems(settings: Settings) -> list[str]:
+    """Why the training workers or scoring actors would not run in the RayJob cluster the controller
+    creates (``pipeline.rayjob``); empty when they fit. Ray places each worker or actor whole on one
+    pod, and a stage also needs :data:`RAY_DATA_TASK_CPUS` free on some pod for Ray Data's read and write
+    tasks: short of either, Ray waits forever rather than failing, so the settings refuse it."""
+    rayjob = settings.pipeline.rayjob
+    pods, pod = rayjob.worker_replicas, cpu_quantity(rayjob.worker_cpu)
+    where = f"pipeline.rayjob: {pods} worker pods x {rayjob.worker_cpu} CPUs"
+    stages = (
+        ("train.workers", settings.train.workers, "train.cpus_per_worker", settings.train.cpus_per_worker),
+        ("score.concurrency", settings.score.concurrency, "score.cpus_per_actor",
+         settings.score.cpus_per_actor),
+    )
+    problems = []
+    for count_key, count, each_key, each in stages:
+        asked = f"{count_key} x {each_key}: {count} x {each:g} CPUs"
+        per_pod = math.floor(pod / each + 1e-9)
+        if per_pod == 0:
+            problems.append(f"{each_key}: {each:g} CPUs do not fit in one Ray worker pod ({where})")
+        elif count > pods * per_pod:
+            problems.append(f"{asked} do not fit in the RayJob's pods: they hold {pods * per_pod} ({where})")
+        elif max(_free_cpus(pods, pod, per_pod, count, each)) < RAY_DATA_TASK_CPUS - 1e-9:
+            problems.append(f"{asked} leave no pod of the RayJob ({where}) with {RAY_DATA_TASK_CPUS:g} CPU "
+                            "for Ray Data's read and write tasks")
+    gpus = pods * rayjob.worker_gpus
+    if settings.train.use_gpu == "yes" and gpus < settings.train.workers:
+        problems.append(f"train.use_gpu: yes needs a GPU per worker ({settings.train.workers}), the RayJob "
+                        f"has {gpus} (pipeline.rayjob.worker_gpus)")
+    return problems
+
+
+def _free_cpus(pods: int, pod: float, per_pod: int, count: int, each: float) -> list[float]:
+    """Each pod's CPUs left when ``count`` units of ``each`` CPUs are packed ``per_pod`` to a pod (the
+    packing that leaves the most on one pod)."""
+    full, rest = divmod(count, per_pod)
+    free = [pod - per_pod * each] * full + ([pod - rest * each] if rest else [])
+    return free + [pod] * (pods - len(free))
 
 
 def _describe(exc: ValidationError) -> str:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+from streamrec.settings import (
+    CONFIG_ENV,
+    Settings,
+    SettingsError,
+    cpu_quantity,
+    load_settings,
+    ray_stage_cpu_problems,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -190,3 +197,57 @@ def test_public_pii_salt_is_refused_outside_local(monkeypatch: pytest.MonkeyPatc
         load_settings()
     monkeypatch.setenv("STREAMREC_INGEST__PII_SALT", "a-long-secret-from-a-k8s-secret")
     assert load_settings().environment == "prod"
+
+
+@pytest.mark.parametrize(("quantity", "cpus"), [("7", 7.0), ("1.5", 1.5), ("500m", 0.5), (" 2 ", 2.0)])
+def test_cpu_quantities_read_like_kubernetes(quantity: str, cpus: float) -> None:
+    assert cpu_quantity(quantity) == cpus
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        # 14 actors x 1 CPU fill the default RayJob's 2 pods x 7 CPUs: Ray Data's reads would never start.
+        ({"STREAMREC_SCORE__CONCURRENCY": "14", "STREAMREC_SCORE__CPUS_PER_ACTOR": "1"},
+         r"score.concurrency x score.cpus_per_actor: 14 x 1 CPUs leave no pod of the RayJob "
+         r"\(pipeline.rayjob: 2 worker pods x 7 CPUs\) with 1 CPU"),
+        ({"STREAMREC_TRAIN__WORKERS": "2", "STREAMREC_TRAIN__CPUS_PER_WORKER": "7"},
+         r"train.workers x train.cpus_per_worker: 2 x 7 CPUs leave no pod"),
+        # 12 CPUs of 14 in all, but a 7-CPU pod holds one 4-CPU worker: the third never starts.
+        ({"STREAMREC_TRAIN__WORKERS": "3", "STREAMREC_TRAIN__CPUS_PER_WORKER": "4"},
+         r"train.workers x train.cpus_per_worker: 3 x 4 CPUs do not fit in the RayJob's pods: they hold 2"),
+        ({"STREAMREC_SCORE__CPUS_PER_ACTOR": "8"},
+         r"score.cpus_per_actor: 8 CPUs do not fit in one Ray worker pod"),
+        ({"STREAMREC_TRAIN__USE_GPU": "yes"}, r"train.use_gpu: yes needs a GPU per worker"),
+        ({"STREAMREC_PIPELINE__RAYJOB__WORKER_CPU": "seven"},
+         r"pipeline.rayjob.worker_cpu: .*not a CPU quantity"),
+        ({"STREAMREC_PIPELINE__RAYJOB__WORKER_CPU": "0"},
+         r"pipeline.rayjob.worker_cpu: .*positive number of CPUs"),
+    ],
+)
+def test_ray_stages_that_cannot_run_in_their_rayjob_fail_at_start_up(
+    env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMREC_ENVIRONMENT", "prod")
+    monkeypatch.setenv("STREAMREC_INGEST__PII_SALT", "a-long-secret-from-a-k8s-secret")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=named):
+        load_settings()
+
+
+def test_ray_stage_sizes_that_fit_their_rayjob_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMREC_ENVIRONMENT", "prod")
+    monkeypatch.setenv("STREAMREC_INGEST__PII_SALT", "a-long-secret-from-a-k8s-secret")
+    monkeypatch.setenv("STREAMREC_SCORE__CONCURRENCY", "13")  # 7 + 6 actors: one pod keeps a CPU free
+    monkeypatch.setenv("STREAMREC_SCORE__CPUS_PER_ACTOR", "1")
+    monkeypatch.setenv("STREAMREC_PIPELINE__RAYJOB__WORKER_GPUS", "1")
+    monkeypatch.setenv("STREAMREC_TRAIN__USE_GPU", "yes")
+    settings = load_settings()
+    assert ray_stage_cpu_problems(settings) == [] and settings.pipeline.rayjob.cluster_cpus == 14
+
+
+def test_local_runs_are_not_held_to_the_rayjob_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Locally the Ray cluster is this machine, not pipeline.rayjob: its size is not checked against it.
+    monkeypatch.setenv("STREAMREC_SCORE__CONCURRENCY", "40")
+    assert load_settings().score.concurrency == 40
