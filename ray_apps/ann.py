@@ -50,6 +50,8 @@ _NORM_TOLERANCE = 1e-3
 _MIN_POINTS_PER_LIST = 39
 # Over-fetch rounds before the remaining rows of a batch fall back to an exhaustive search.
 _MAX_ESCALATIONS = 4
+# Candidates one step of the pairwise exclusion check gathers at most (bounds its memory).
+_MASK_CHUNK = 1 << 20
 
 # Exact scores held at once by measure_recall (float32 count).
 _SCORE_BLOCK = 16 * 1024 * 1024
@@ -219,11 +221,13 @@ class AnnIndex:
 
     def _excluded_mask(self, pos: np.ndarray, pending: np.ndarray, pairs: tuple[np.ndarray, np.ndarray],
                        batch: int) -> np.ndarray:
-        """``[len(pending), fetch]`` bool: candidate ``pos[r, c]`` is excluded for query ``pending[r]``.
+        """``[len(pending), fetch]`` bool: candidate ``pos[r, c]`` is excluded for query ``pending[r]``
+        (faiss's -1, "no result", matches nothing).
 
-        Each (row, excluded position) pair is compared with its row's candidates: a pair costs one
-        row of comparisons, and there are few pairs per row (faiss's -1, "no result", matches no
-        position)."""
+        Two ways, the cheaper for the batch: comparing each (row, excluded position) pair with its row's
+        candidates costs ``pairs x fetch``; one sorted search of every candidate of the rows with
+        exclusions among the pairs' codes costs ``rows x fetch x log2(pairs)``. Short exclusion lists
+        (a few purchases a user) favour the first, long ones the second."""
         ex_rows, ex_pos = pairs
         slot = np.full(batch, -1, dtype=np.int64)
         slot[pending] = np.arange(len(pending))
@@ -231,8 +235,23 @@ class AnnIndex:
         ok = mine >= 0  # pairs of rows searched in this round
         rows, excluded = mine[ok], ex_pos[ok]
         mask = np.zeros(pos.shape, dtype=bool)
-        hit, col = np.nonzero(pos[rows] == excluded[:, None])
-        mask[rows[hit], col] = True
+        if rows.size == 0:
+            return mask
+        with_exclusions = np.unique(rows)
+        if rows.size <= with_exclusions.size * max(1.0, np.log2(rows.size)):
+            # In chunks of pairs, so a batch of long lists never gathers more than _MASK_CHUNK candidates.
+            step = max(1, _MASK_CHUNK // pos.shape[1])
+            for at in range(0, rows.size, step):
+                r, e = rows[at:at + step], excluded[at:at + step]
+                hit, col = np.nonzero(pos[r] == e[:, None])
+                mask[r[hit], col] = True
+            return mask
+        # Codes row * (N + 1) + position + 1 are unique per (row, item) and never match a -1.
+        stride = len(self) + 1
+        codes = np.unique(rows * stride + excluded + 1)
+        cand = with_exclusions[:, None] * stride + pos[with_exclusions] + 1
+        at = np.minimum(np.searchsorted(codes, cand), codes.size - 1)
+        mask[with_exclusions] = codes[at] == cand
         return mask
 
     def _exclusion_pairs(self, exclude: Exclusions, batch: int) -> tuple[np.ndarray, np.ndarray] | None:

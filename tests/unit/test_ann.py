@@ -207,6 +207,32 @@ def test_vectorised_exclusion_matches_a_per_row_filter_on_edge_cases() -> None:
     assert list(got_ids[4]) == [""] * k and set(got_ids[3]).isdisjoint({ids[3], ids[7]})
 
 
+@pytest.mark.parametrize("per_row", [2, 60])
+def test_short_and_long_exclusion_lists_match_a_per_row_filter(per_row: int) -> None:
+    """Both ways of matching exclusions against candidates (see AnnIndex._excluded_mask): a few ids a
+    row (pairwise comparison, how purchases usually look) and long lists (a sorted search). Half the
+    excluded ids come from the row's own top k, so they knock out candidates; some rows have none."""
+    rng = np.random.default_rng(5)
+    n, k, rows = 400, 10, 64
+    ids = np.array([f"i{i:03d}" for i in range(n)], dtype=object)
+    index = build_index(ids, _normalise(rng.normal(size=(n, 8))), kind="exact")
+    q = _normalise(rng.normal(size=(rows, 8)))
+    top, _ = index.search_positions(q, k)
+    exclude: list[Any] = []
+    for b in range(rows):
+        if b % 4 == 0:
+            exclude.append(None)
+            continue
+        own = [ids[p] for p in rng.choice(top[b], size=min(per_row // 2 or 1, k), replace=False)]
+        other = [ids[p] for p in rng.integers(0, n, size=per_row - len(own))]
+        exclude.append(own + other + own[:1])  # a duplicate too
+    want_pos, want_scores = _per_row_reference(index, q, k, exclude)
+    pos, scores = index.search_positions(q, k, _as_arrow(exclude))
+    np.testing.assert_array_equal(pos, want_pos)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+    assert (pos >= 0).all(), "every row keeps k items"
+
+
 def test_exclusion_forms_agree_sliced_and_chunked(catalogue: tuple[np.ndarray, np.ndarray],
                                                  queries: np.ndarray) -> None:
     """Arrow exclusions as scoring gets them from Ray Data: slices of chunked columns (offsets not at 0)."""
