@@ -14,3 +14,6 @@ BATCH_LATENCY = Histogram("streamrec_ingest_batch_latency_seconds", "Time to wri
 MILLIS_BEHIND = Gauge("streamrec_ingest_millis_behind_latest", "MillisBehindLatest of the last GetRecords",
                       ["region", "shard"])
 LEASES_HELD = Gauge("streamrec_ingest_leases_held", "Shard leases held by this worker", ["region"])
+FEATURES_SKIPPED = Counter("streamrec_ingest_feature_batches_skipped_total",
+                           "Batches written to the lake and checkpointed without their Redis features "
+                           "(Redis unreachable for ingest.redis_retry_seconds)", ["region"])

@@ -7,7 +7,9 @@ A flush is the only place data becomes durable, in this order:
 
 1. record the batch's sequence range on the lease (``pending``), conditional on still owning it;
 2. write the raw and dead-letter files (deterministic names from shard + range, atomic appearance);
-3. apply the Redis online features (idempotent for the range);
+3. apply the Redis online features (idempotent for the range); when Redis stays unreachable for
+   ``redis_retry_seconds`` the batch goes on without them (counted): the lake is the record, the
+   features are derived, and Kinesis keeps records only for its retention;
 4. checkpoint the last sequence number and clear ``pending``.
 
 If the worker dies anywhere in 2-4, whoever takes the lease next re-reads exactly the pending range
@@ -73,13 +75,15 @@ class WorkerStats:
     batches: int = 0
     files: int = 0
     users_updated: int = 0
+    feature_batches_skipped: int = 0
     leases_taken: int = 0
     leases_lost: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"records_in": self.records_in, "rows_out": self.rows_out, "duplicates": self.duplicates,
                 "dead_lettered": dict(self.dead_lettered), "batches": self.batches, "files": self.files,
-                "users_updated": self.users_updated, "leases_taken": self.leases_taken,
+                "users_updated": self.users_updated, "feature_batches_skipped": self.feature_batches_skipped,
+                "leases_taken": self.leases_taken,
                 "leases_lost": self.leases_lost}
 
 
@@ -131,6 +135,7 @@ class Worker:
         lease_renew_seconds: float = 3.0,
         until_drained: bool = False,
         crash_point: str | None = None,
+        redis_retry_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if crash_point is not None and crash_point not in CRASH_POINTS:
@@ -151,6 +156,9 @@ class Worker:
         self.lease_renew_seconds = lease_renew_seconds
         self.until_drained = until_drained
         self.crash_point = crash_point
+        # Retrying Redis must end before our leases could lapse (the loop renews them between flushes).
+        self.redis_retry_seconds = max(0.0, min(redis_retry_seconds,
+                                                lease_duration_seconds - lease_renew_seconds))
         self.clock = clock
         self.expiry = ExpiryTracker(lease_duration_seconds)
         self.shards: dict[str, ShardState] = {}
@@ -395,7 +403,7 @@ class Worker:
         self._maybe_crash("after_pending")
         self.stats.files += len(self.lake.write(batch))
         self._maybe_crash("after_lake_write")
-        self.stats.users_updated += self.features.write(batch)
+        self.stats.users_updated += self._write_features(batch)
         self._maybe_crash("after_redis")
         state.lease = self._must(self.leases.checkpoint(lease, self.worker_id, batch.last_seq))
         self._account(batch)
@@ -404,6 +412,28 @@ class Worker:
                                          "last_seq": batch.last_seq, "records": batch.records,
                                          "duplicates": batch.duplicates,
                                          "dead_lettered": sum(batch.dead_reasons.values())})
+
+    def _write_features(self, batch: FlushBatch) -> int:
+        """Apply the batch's Redis features, retrying with jittered backoff (they are idempotent for the
+        range); after ``redis_retry_seconds`` of failures, go on without them and count the batch."""
+        import redis
+
+        deadline = time.monotonic() + self.redis_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return self.features.write(batch)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stats.feature_batches_skipped += 1
+                    metrics.FEATURES_SKIPPED.labels(self.region).inc()
+                    log.error("Redis unreachable: batch written without its online features",
+                              extra={"shard": batch.shard_id, "first_seq": batch.first_seq,
+                                     "last_seq": batch.last_seq, "error": str(exc)})
+                    return 0
+                time.sleep(min(left, delay * self._rng.uniform(0.5, 1.0)))
+                delay = min(delay * 2, 1.0)
 
     def finish(self, state: ShardState) -> None:
         """A closed shard is fully processed: mark it SHARD_END so its children may start."""
@@ -486,7 +516,7 @@ def build_worker(settings: Any, region: str, **overrides: Any) -> Worker:
         batch_max_records=ing.batch_max_records, batch_max_bytes=ing.batch_max_bytes,
         batch_max_seconds=ing.batch_max_seconds, get_records_limit=ing.get_records_limit,
         idle_poll_seconds=ing.idle_poll_seconds, lease_duration_seconds=ing.lease_duration_seconds,
-        lease_renew_seconds=ing.lease_renew_seconds,
+        lease_renew_seconds=ing.lease_renew_seconds, redis_retry_seconds=ing.redis_retry_seconds,
     )
     params.update(overrides)
     return Worker(

@@ -130,6 +130,11 @@ class IngestSettings(_Strict):
     user_recent_n: int = Field(50, ge=1, le=1000)
     user_recent_ttl_seconds: int = Field(30 * 24 * 3600, ge=60)
     popularity_bucket_ttl_seconds: int = Field(48 * 3600, ge=3600)
+    # -- How long a flush retries the Redis features (jittered backoff) before it writes the batch's
+    # lake files and checkpoint without them: the lake is the record and Kinesis keeps records only for
+    # its retention, so Redis down must not stop it. Capped below the lease time (the lease must not
+    # lapse while a flush waits).
+    redis_retry_seconds: float = Field(5.0, ge=0, le=600)
     # -- Salt for hashing personal fields (IP, user agent); set it from a secret in production.
     pii_salt: str = Field(LOCAL_PII_SALT, min_length=16)
     metrics_port: int = Field(0, ge=0, le=65535)

@@ -475,6 +475,7 @@ def test_alerts_and_dashboard_use_exported_metrics(values_objects: list[dict[str
         assert {
             "StreamrecConsumerLagHigh",
             "StreamrecDeadLetterRateHigh",
+            "StreamrecOnlineFeaturesSkipped",
             "StreamrecServeLatencyP99High",
             "StreamrecServe5xxRateHigh",
             "StreamrecPipelineCreateFailed",

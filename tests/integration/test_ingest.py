@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+import redis
 import yaml
 from ingest_support import (
     REGION,
@@ -43,6 +44,7 @@ from ingest_support import (
 
 from ingest.leases import SHARD_END, TRIM_HORIZON
 from streamrec.devstack.process import free_port
+from streamrec.devstack.redis_server import RedisLauncher
 from streamrec.events import EVENT_WEIGHTS, canonical_json
 from streamrec.online import read_popular, read_recent
 
@@ -338,6 +340,49 @@ def test_sigterm_flushes_checkpoints_and_releases(make_env: Callable[..., Env], 
     assert read_dataset(env, "raw").num_rows == 60
     stats = worker.stats()
     assert stats["records_in"] == 60 and stats["rows_out"] == 60 and stats["batches"] == 2
+
+
+def test_redis_down_does_not_stop_the_lake(
+    make_env: Callable[..., Env], workers: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Redis goes away mid-run: after ingest.redis_retry_seconds of retries each batch is written to the
+    lake and checkpointed without its online features (counted), instead of the worker dying and the lake
+    stalling until Redis is back. The features written before the outage stay."""
+    launcher = RedisLauncher()
+    own_redis = launcher.start(tmp_path_factory.mktemp("outage-redis"))
+    try:
+        env = make_env(1, batch_max_records=50, batch_max_seconds=3600, redis_retry_seconds=0.3)
+        document = yaml.safe_load(env.config.read_text())
+        document["regions"][REGION]["redis_url"] = own_redis.url
+        config = tmp_path_factory.mktemp("outage-config") / "streamrec.yaml"
+        config.write_text(yaml.safe_dump(document, sort_keys=False))
+        first_events = make_events(50, users=5)
+        first = put_events(env, first_events)
+        shard = first[0].shard_id
+        worker = workers(env, worker_id="outage", until_drained=False, config=config)
+        wait_until(lambda: checkpoints(env).get(shard) == first[-1].seq or worker.proc.poll() is not None,
+                   30, "the first batch to be checkpointed")
+        assert worker.proc.poll() is None, worker.tail()
+        user = first_events[-1]["user_id"]
+        with redis.Redis.from_url(own_redis.url) as client:
+            assert read_recent(client, REGION, user, n=1), "features were written while Redis was up"
+
+        launcher.stop(own_redis)
+        second = put_events(env, make_events(100, users=5))
+        wait_until(lambda: checkpoints(env).get(shard) == second[-1].seq or worker.proc.poll() is not None,
+                   30, "the batches after the outage to be checkpointed")
+        assert worker.proc.poll() is None, worker.tail()
+        assert read_dataset(env, "raw").num_rows == 150
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.tail()
+        stats = worker.stats()
+        assert stats["rows_out"] == 150, stats
+        # Every batch after the first went on without its features (one GetRecords may bring all 100).
+        assert stats["feature_batches_skipped"] == stats["batches"] - 1 >= 1, stats
+        assert "batch written without its online features" in worker.tail(200)
+    finally:
+        launcher.stop(own_redis)
+        launcher.purge(own_redis)
 
 
 # ---------------------------------------------------------------------------------------------------
