@@ -423,7 +423,10 @@ class Worker:
         while True:
             try:
                 return self.features.write(batch)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Unreachable, timed out, a replica during a failover, or full: Redis is unavailable. Other
+            # errors (a script bug) still end the worker.
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
+                    redis.exceptions.OutOfMemoryError) as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.stats.feature_batches_skipped += 1
