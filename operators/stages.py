@@ -61,8 +61,9 @@ def _write_run_file(settings: Settings, spec: RunSpec, path: Callable[[LakeLayou
     from ray_apps.ann import write_bytes_atomic
 
     layout, fs = _lake(settings, spec.region)
-    write_bytes_atomic(fs, path(layout), data)
-    return layout.to_uri(path(layout))
+    target = path(layout)
+    write_bytes_atomic(fs, target, data)
+    return layout.to_uri(target)
 
 
 def read_result(settings: Settings, spec: RunSpec, stage: str) -> StageResult | None:

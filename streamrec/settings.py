@@ -406,11 +406,6 @@ class RayJobTemplate(_Strict):
             raise ValueError(f"{v!r}: a Ray pod needs a positive number of CPUs")
         return v
 
-    @property
-    def cluster_cpus(self) -> float:
-        """The CPUs Ray offers in a RayJob's cluster: the workers' (the head offers none)."""
-        return self.worker_replicas * cpu_quantity(self.worker_cpu)
-
 
 class PipelineSettings(_Strict):
     """The daily PipelineRun (operators/): stage backends, retries, and the child templates."""

@@ -244,7 +244,9 @@ def test_ray_stage_sizes_that_fit_their_rayjob_are_accepted(monkeypatch: pytest.
     monkeypatch.setenv("STREAMREC_PIPELINE__RAYJOB__WORKER_GPUS", "1")
     monkeypatch.setenv("STREAMREC_TRAIN__USE_GPU", "yes")
     settings = load_settings()
-    assert ray_stage_cpu_problems(settings) == [] and settings.pipeline.rayjob.cluster_cpus == 14
+    rayjob = settings.pipeline.rayjob
+    assert ray_stage_cpu_problems(settings) == []
+    assert rayjob.worker_replicas * cpu_quantity(rayjob.worker_cpu) == 14
 
 
 def test_local_runs_are_not_held_to_the_rayjob_template(monkeypatch: pytest.MonkeyPatch) -> None:
