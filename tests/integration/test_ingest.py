@@ -73,14 +73,34 @@ def metric(port: int, name: str) -> float | None:
 
 
 def test_two_workers_consume_four_shards_exactly_once(make_env: Callable[..., Env], workers: Any) -> None:
-    # A flush age of 3 s gives the second worker time to steal its share before the first has flushed.
-    env = make_env(4, batch_max_seconds=3)
-    events = make_events(3000, users=200)
-    puts = put_events(env, events)
-    assert len({p.shard_id for p in puts}) == 4
+    """Two workers converge on two leases each and consume every event exactly once.
 
-    a = workers(env, worker_id="worker-a")
-    b = workers(env, worker_id="worker-b")
+    The second half of the events is put only once the lease table shows two leases per worker, so both
+    workers have work whatever order and speed their processes start in. (Racing a flush age instead
+    failed on a busy CI machine: the second worker came up after the first had drained the stream.)
+    A 10 s lease keeps a starved renewal from handing a lease over mid-test."""
+    env = make_env(4, lease_duration_seconds=10, lease_renew_seconds=0.5)
+    events = make_events(3000, users=200)
+    first = put_events(env, events[:1500])
+
+    a = workers(env, worker_id="worker-a", until_drained=False)
+    b = workers(env, worker_id="worker-b", until_drained=False)
+
+    def balanced_or_exited() -> bool:
+        owners = Counter(lease.owner for lease in lease_map(env).values())
+        return owners == {"worker-a": 2, "worker-b": 2} or a.proc.poll() is not None \
+            or b.proc.poll() is not None
+
+    wait_until(balanced_or_exited, 60, "two leases per worker")
+    assert a.proc.poll() is None, a.tail()
+    assert b.proc.poll() is None, b.tail()
+    second = put_events(env, events[1500:])
+    assert len({p.shard_id for p in second}) == 4
+    puts = first + second
+    wait_until(lambda: checkpoints(env) == last_seqs(puts) or a.proc.poll() is not None
+               or b.proc.poll() is not None, 60, "every shard checkpointed at its last event")
+    for worker in (a, b):
+        worker.proc.send_signal(signal.SIGTERM)
     assert a.wait() == 0, a.tail()
     assert b.wait() == 0, b.tail()
 
