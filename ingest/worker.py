@@ -40,7 +40,7 @@ from ingest.lease_table import LeaseTable, LeaseTableMissing
 from ingest.leases import SHARD_END, ExpiryTracker, Lease, eligible, plan_takes, read_start
 from ingest.sinks import LakeSink, RedisFeatureSink
 from ingest.transform import Transformer
-from streamrec.clickstream.putrecords import backoff_delay
+from streamrec.pacing import backoff_delay
 
 log = logging.getLogger("streamrec.ingest")
 
@@ -437,7 +437,7 @@ class Worker:
                               extra={"shard": batch.shard_id, "first_seq": batch.first_seq,
                                      "last_seq": batch.last_seq, "error": str(exc)})
                     return 0
-                time.sleep(min(left, backoff_delay(attempt, self._rng.uniform(0.5, 1.0), 0.05, 1.0)))
+                time.sleep(min(left, backoff_delay(attempt - 1, 0.05, 1.0, self._rng.uniform(0.5, 1.0))))
 
     def finish(self, state: ShardState) -> None:
         """A closed shard is fully processed: mark it SHARD_END so its children may start."""

@@ -49,8 +49,6 @@ from operators.sync.items import (
     RECS_KEY,
     Item,
     ItemError,
-    TokenBucket,
-    backoff_delay,
     batches,
     key_items,
     marker_item,
@@ -62,6 +60,7 @@ from operators.sync.items import (
 from streamrec.aws import client
 from streamrec.lake import LakeLayout, filesystem
 from streamrec.online_store import PointerInfo, parse_pointer_item, pointer_item, pointer_key
+from streamrec.pacing import TokenBucket, backoff_delay
 from streamrec.settings import Settings, SyncSettings
 
 logger = logging.getLogger(__name__)
@@ -236,7 +235,7 @@ class BatchWriter:
                     f"(the table is throttled: its capacity is below sync.dynamodb_items_per_s="
                     f"{self.sync.dynamodb_items_per_s:g} or others write to it too); nothing was lost: "
                     "rerun the stage later (raise the capacity or lower the rate), the checkpoints resume it")
-            delay = backoff_delay(attempt, self.sync.backoff_base_s, self.sync.backoff_max_s, self._rand)
+            delay = backoff_delay(attempt, self.sync.backoff_base_s, self.sync.backoff_max_s, self._rand())
             attempt += 1
             with self.stats.lock:
                 self.stats.retries += 1

@@ -20,8 +20,6 @@ Item layouts:
 from __future__ import annotations
 
 import math
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -197,54 +195,6 @@ def unprocessed_puts(response: Mapping[str, Any], table: str) -> list[Item]:
     return [r["PutRequest"]["Item"] for r in requests if "PutRequest" in r]
 
 
-# --------------------------------------------------------------------------- retry schedule
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, rand: Callable[[], float]) -> float:
-    """Seconds to wait before retry number ``attempt`` (0 = the first retry): "full jitter", a uniform
-    draw in [0, min(max_s, base_s * 2**attempt)) (AWS Architecture Blog, *Exponential Backoff and
-    Jitter*), so throttled writers spread out instead of retrying in lockstep. ``rand`` gives [0, 1)."""
-    if attempt < 0:
-        raise ValueError("attempt must be >= 0")
-    ceiling = min(max_s, base_s * 2.0 ** min(attempt, 62))
-    return ceiling * rand()
-
-
-# --------------------------------------------------------------------------- rate limiter
-
-
-class TokenBucket:
-    """The overall write rate shared by every writer thread: ``rate`` items/s, at most ``burst`` items
-    at once. :meth:`reserve` takes ``n`` tokens and returns how long the caller must wait before sending
-    (the bucket may go into debt, so callers are served in arrival order and a request larger than the
-    burst still goes through). ``rate`` 0 means unlimited. ``clock`` is injectable for tests.
-
-    Over any window of T seconds at most ``burst + rate * T`` items are sent."""
-
-    def __init__(self, rate: float, burst: float | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if rate < 0:
-            raise ValueError("rate must be >= 0")
-        self.rate = float(rate)
-        self.burst = float(burst if burst is not None else max(MAX_BATCH_ITEMS, rate))
-        if self.burst <= 0:
-            raise ValueError("burst must be > 0")
-        self._clock = clock
-        self._tokens = self.burst
-        self._stamp = clock()
-        self._lock = threading.Lock()
-
-    def reserve(self, n: int) -> float:
-        if self.rate == 0:
-            return 0.0
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            self._tokens -= n
-            return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-
-
 # --------------------------------------------------------------------------- the sync marker
 
 
@@ -267,7 +217,7 @@ def marker_item(version: str, day: date, *, items: int, files: int, input_id: st
 
 
 __all__ = [
-    "FEATURES_KEY", "MAX_BATCH_ITEMS", "RECS_COLUMNS", "RECS_KEY", "Item", "ItemError", "TokenBucket",
+    "FEATURES_KEY", "MAX_BATCH_ITEMS", "RECS_COLUMNS", "RECS_KEY", "Item", "ItemError",
     "attribute_converter", "backoff_delay", "batches", "expires_at", "item_key", "key_items", "marker_item",
     "marker_key", "number", "put_requests", "recs_items", "unprocessed_puts",
 ]

@@ -20,13 +20,12 @@ from streamrec.clickstream.config import GeneratorConfig
 from streamrec.clickstream.generate import generate_region
 from streamrec.clickstream.putrecords import (
     MAX_RECORDS_PER_CALL,
-    TokenBucket,
-    backoff_delay,
     batches,
     read_response,
 )
 from streamrec.clickstream.records import GeneratedRecord, RecordTally, report_progress
 from streamrec.clickstream.truth import build_truth
+from streamrec.pacing import TokenBucket, backoff_delay
 
 Progress = Callable[[int], None]
 
@@ -87,7 +86,7 @@ class KinesisPublisher:
         self.progress = progress
         self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
         self.sleep, self.clock = sleep, clock
-        self.bucket = TokenBucket(rate_per_s, now=clock()) if rate_per_s else None
+        self.bucket = TokenBucket(rate_per_s, clock=clock) if rate_per_s else None
         # At a low rate, small calls keep the flow smooth instead of one 500-record call per long pause.
         self.max_batch = (
             MAX_RECORDS_PER_CALL if not rate_per_s else max(1, min(MAX_RECORDS_PER_CALL, int(rate_per_s)))
@@ -98,7 +97,7 @@ class KinesisPublisher:
         stats = PublishStats()
         for batch in batches(records, max_records=self.max_batch):
             if self.bucket is not None:
-                self.sleep(self.bucket.take(len(batch), self.clock()))
+                self.sleep(self.bucket.reserve(len(batch)))
             self._put_batch(batch, stats)
             if self.progress is not None:
                 self.progress(len(batch))
@@ -109,7 +108,7 @@ class KinesisPublisher:
         for attempt in range(1, self.max_attempts + 1):
             if attempt > 1:
                 self.sleep(
-                    backoff_delay(attempt - 1, self._jitter.random(), self.backoff_base_s, self.backoff_cap_s)
+                    backoff_delay(attempt - 2, self.backoff_base_s, self.backoff_cap_s, self._jitter.random())
                 )
                 stats.retried_records += len(pending)
             response = self.client.put_records(

@@ -76,32 +76,3 @@ def read_response(response: Mapping[str, Any]) -> CallOutcome:
             f"{response['FailedRecordCount']}"
         )
     return CallOutcome(failed=failed, shard_counts=shards, last_error=last_error)
-
-
-def backoff_delay(attempt: int, uniform: float, base_s: float, cap_s: float) -> float:
-    """Seconds to wait before retry ``attempt`` (1 = first retry): "full jitter" exponential backoff,
-    uniform in [0, min(cap, base·2^(attempt-1))), so retrying producers do not retry in lockstep."""
-    return uniform * min(cap_s, base_s * 2 ** (attempt - 1))
-
-
-class TokenBucket:
-    """A records-per-second limit with a burst allowance; time is passed in, so it is pure arithmetic.
-
-    ``take(n, now)`` removes n tokens and returns how long to wait before sending them. Tokens may go
-    negative (a batch larger than the burst is allowed, and paid for by waiting), so the long-run rate is
-    exactly ``rate`` whatever the batch sizes.
-    """
-
-    def __init__(self, rate: float, burst: float | None = None, now: float = 0.0) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self.burst = burst if burst is not None else max(rate, 1.0)
-        self.tokens = self.burst
-        self.updated = now
-
-    def take(self, n: int, now: float) -> float:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        self.tokens -= n
-        return max(0.0, -self.tokens / self.rate)

@@ -1,4 +1,5 @@
-"""The PutRecords rules as tables: batching limits, which records to retry, backoff, rate."""
+"""The PutRecords rules as tables: batching limits, which records to retry (backoff and rate are in
+test_pacing)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import pytest
 from streamrec.clickstream.putrecords import (
     MAX_BYTES_PER_CALL,
     MAX_BYTES_PER_RECORD,
-    TokenBucket,
-    backoff_delay,
     batches,
     read_response,
     record_size,
@@ -105,38 +104,3 @@ def test_read_response_picks_exactly_the_failed_indices(
 def test_read_response_refuses_an_inconsistent_failure_count() -> None:
     with pytest.raises(ValueError, match="FailedRecordCount"):
         read_response({"FailedRecordCount": 2, "Records": [_failed(), _ok("s-0")]})
-
-
-@pytest.mark.parametrize(
-    "attempt, uniform, expected",
-    [
-        (1, 1.0, 0.1),
-        (2, 1.0, 0.2),
-        (4, 1.0, 0.8),
-        (4, 0.5, 0.4),
-        (10, 1.0, 5.0),
-        (30, 0.25, 1.25),
-        (3, 0.0, 0.0),
-    ],
-)
-def test_backoff_is_jittered_exponential_with_a_cap(attempt: int, uniform: float, expected: float) -> None:
-    assert backoff_delay(attempt, uniform, base_s=0.1, cap_s=5.0) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    "rate, takes, waits",
-    [
-        # (time, n) → seconds to wait; a burst of ``rate`` is free, the rest is paid for in time.
-        (100.0, [(0.0, 100), (0.0, 50)], [0.0, 0.5]),
-        (100.0, [(0.0, 100), (1.0, 100)], [0.0, 0.0]),
-        (100.0, [(0.0, 100), (0.5, 100)], [0.0, 0.5]),
-        (10.0, [(0.0, 500)], [49.0]),  # a batch larger than the burst: wait for the deficit
-        (10.0, [(0.0, 10), (0.0, 10), (1.0, 10)], [0.0, 1.0, 1.0]),  # debt carries over
-        (100.0, [(100.0, 100), (100.0, 100)], [0.0, 1.0]),  # idle time does not bank more than the burst
-    ],
-)
-def test_token_bucket_holds_the_long_run_rate(
-    rate: float, takes: list[tuple[float, int]], waits: list[float]
-) -> None:
-    bucket = TokenBucket(rate)
-    assert [bucket.take(n, now) for now, n in takes] == pytest.approx(waits)

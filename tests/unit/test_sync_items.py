@@ -1,5 +1,5 @@
-"""Pure rules of the DynamoDB sync: rows → items, batches of at most 25, the backoff schedule, the token
-bucket's arithmetic, the marker and pointer codecs, checkpoints and the report."""
+"""Pure rules of the DynamoDB sync: rows → items, batches of at most 25, the marker and pointer codecs,
+checkpoints and the report (the backoff schedule and the token bucket are in test_pacing)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ from operators.sync.items import (
     MAX_BATCH_ITEMS,
     RECS_KEY,
     ItemError,
-    TokenBucket,
     attribute_converter,
-    backoff_delay,
     batches,
     expires_at,
     key_items,
@@ -213,73 +211,6 @@ def test_unprocessed_puts_reads_the_tables_items() -> None:
     response = {"UnprocessedItems": {"t": put_requests(items), "other": put_requests(keyed(1))}}
     assert unprocessed_puts(response, "t") == items
     assert unprocessed_puts({"UnprocessedItems": {}}, "t") == [] == unprocessed_puts({}, "t")
-
-
-# --------------------------------------------------------------------------- backoff
-
-
-def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
-    almost_one = 1 - 1e-12
-    ceilings = [backoff_delay(a, 0.05, 1.0, lambda: almost_one) for a in range(8)]
-    assert ceilings == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
-    assert backoff_delay(3, 0.05, 1.0, lambda: 0.0) == 0.0
-    assert backoff_delay(10_000, 0.05, 2.0, lambda: 0.5) == pytest.approx(1.0)  # no overflow
-    with pytest.raises(ValueError):
-        backoff_delay(-1, 0.05, 1.0, lambda: 0.5)
-
-
-def test_backoff_is_jittered() -> None:
-    import random
-
-    rng = random.Random(1)
-    delays = {round(backoff_delay(4, 0.05, 5.0, rng.random), 6) for _ in range(50)}
-    assert len(delays) > 40 and all(0 <= d < 0.8 for d in delays)
-
-
-# --------------------------------------------------------------------------- token bucket
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_bucket_lets_the_burst_through_then_paces_at_the_rate() -> None:
-    clock = Clock()
-    bucket = TokenBucket(100, 50, clock=clock)
-    assert bucket.reserve(25) == 0 and bucket.reserve(25) == 0  # the burst
-    assert bucket.reserve(25) == pytest.approx(0.25)  # 25 items at 100/s
-    assert bucket.reserve(25) == pytest.approx(0.50)  # queued behind the previous reservation
-    clock.t += 0.5
-    assert bucket.reserve(25) == pytest.approx(0.25)
-    clock.t += 10  # idle time refills only up to the burst
-    assert bucket.reserve(50) == 0
-    assert bucket.reserve(1) == pytest.approx(0.01)
-
-
-def test_bucket_rate_bound_over_a_window() -> None:
-    """Callers that sleep what reserve() says send at most burst + rate * T items in T seconds."""
-    clock = Clock()
-    bucket = TokenBucket(200, 25, clock=clock)
-    start, sent = clock.t, 0
-    for _ in range(200):
-        wait = bucket.reserve(25)
-        clock.t += wait
-        sent += 25
-        assert sent <= 25 + 200 * (clock.t - start) + 1e-6
-    assert clock.t - start == pytest.approx((sent - 25) / 200)
-
-
-def test_bucket_zero_rate_is_unlimited_and_large_requests_pass() -> None:
-    assert TokenBucket(0).reserve(10**9) == 0
-    bucket = TokenBucket(10, 5, clock=Clock())
-    assert bucket.reserve(25) == pytest.approx(2.0)  # bigger than the burst: in debt, not refused
-    assert TokenBucket(1000).burst == 1000 and TokenBucket(3).burst == MAX_BATCH_ITEMS
-    with pytest.raises(ValueError):
-        TokenBucket(-1)
 
 
 # --------------------------------------------------------------------------- marker and pointer
