@@ -418,7 +418,7 @@ def train_two_tower(train: pa.Table, config: TwoTowerConfig, hyper: TwoTowerHype
     loss of each epoch."""
     import torch
 
-    from ray_apps.encoding import hash_ids, item_counts
+    from ray_apps.encoding import encode_examples, hash_ids, item_counts
     from ray_apps.model import TwoTowerModel
     from ray_apps.train import train_epoch
 
@@ -434,8 +434,9 @@ def train_two_tower(train: pa.Table, config: TwoTowerConfig, hyper: TwoTowerHype
         shuffled = table.take(pa.array(permutation))
         torch.manual_seed(hyper.seed * 100_003 + epoch)  # dropout draws
         starts = range(0, table.num_rows, hyper.batch_size)
-        batches = (shuffled.slice(start, hyper.batch_size) for start in starts)
-        loss_sum, n_batches, _ = train_epoch(model, optimizer, batches, config, counts, "cpu")
+        batches = (encode_examples(shuffled.slice(start, hyper.batch_size), config, counts)
+                   for start in starts)
+        loss_sum, n_batches, _ = train_epoch(model, optimizer, batches, "cpu")
         losses.append(float(loss_sum) / max(n_batches, 1))
         log(f"  two-tower epoch {epoch + 1}/{hyper.epochs}: loss {losses[-1]:.4f} "
             f"({time.perf_counter() - started:.1f} s)")

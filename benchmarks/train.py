@@ -42,16 +42,20 @@ Baseline: a plain PyTorch loop in this process, ``torch.set_num_threads(C)``: th
 config and seed, the same log-Q counts, AdamW with the same hyperparameters, the same global batch, and
 the same per-batch function ``ray_apps.train.train_epoch``. Each epoch it reads the same Parquet files
 with pyarrow and permutes them in memory (a seeded ``take``): the work Ray Data's read + random_shuffle
-does each epoch, done the plain way; read and shuffle seconds are reported.
+does each epoch, done the plain way; read and shuffle seconds are reported. It encodes each batch in
+the loop (``encode_examples``), as a notebook does; ``train()`` encodes in Ray Data's read tasks, ahead
+of the workers, and once for all epochs when it holds the split in memory, so the steady-state ratio
+also counts what that saves (the baseline's ``encode`` seconds say how much).
 
 Where the time goes: every epoch, in the baseline and inside each Ray Train worker, the time spent
 waiting for batches (Ray Data's iterator; ``first_batch_wait`` is the part before the first batch),
-encoding, forward, ``optimizer.step`` and the rest (backward, incl. DDP's all-reduce) is measured with
-timers around the real functions: the worker runs ``ray_apps.train.train_loop_per_worker`` itself,
-wrapped to time its ``train_epoch`` calls and log ``torch.get_num_threads()`` (a few perf_counter calls
-per step; ``--no-profile`` runs without). Clock marks from rank 0 split ``train()``'s wall time into
-before the worker loop (driver scan, trainer, workers, process group, dataset), worker set-up, epochs,
-between epochs (totals, checkpoint save and report) and after the loop. A separate 2-process gloo
+encoding (the baseline only), forward, ``optimizer.step`` and the rest (backward, incl. DDP's
+all-reduce) is measured with timers around the real functions: the worker runs
+``ray_apps.train.train_loop_per_worker`` itself, wrapped to time its ``train_epoch`` calls and log
+``torch.get_num_threads()`` (a few perf_counter calls per step; ``--no-profile`` runs without).
+Clock marks from rank 0 split ``train()``'s wall time into before the worker loop (driver scan,
+trainer, workers, process group, dataset), worker set-up, epochs, between epochs (totals, checkpoint
+save and report) and after the loop. A separate 2-process gloo
 all-reduce of a tensor the size of the model says what DDP pays per step for the dense id table.
 
 Repeats alternate baseline / layouts (``--repeats``, the best of each is kept). On CUDA (``--device``
@@ -161,13 +165,11 @@ def build_split(settings: Any, rows: int, items: int, seed: int) -> dict[str, An
 
 def profiled_train_epoch(original: Any, model: Any, optimizer: Any, batches: Any, *args: Any,
                          **kwargs: Any) -> tuple[Any, dict]:
-    """``original`` (``ray_apps.train.train_epoch``) with timers: the batch iterator's waits,
-    ``encode_examples`` (patched in ``ray_apps.train`` for the call), the model's forward (hooks),
-    ``optimizer.step``; backward + DDP's all-reduce + the rest is the remainder."""
-    import ray_apps.train as rt
-
+    """``original`` (``ray_apps.train.train_epoch``) with timers: the batch iterator's waits, the
+    model's forward (hooks), ``optimizer.step``; backward + DDP's all-reduce + the rest is the remainder.
+    ``encode`` stays 0 here: in Ray Train the batches arrive encoded (Ray Data's read tasks encode them);
+    the plain loop encodes inside its iterator and moves that time from ``data_wait`` itself."""
     t: dict[str, float] = {p: 0.0 for p in PHASES}
-    original_encode = rt.encode_examples
 
     def timed_batches() -> Iterator[Any]:
         iterator = iter(batches)
@@ -181,13 +183,6 @@ def profiled_train_epoch(original: Any, model: Any, optimizer: Any, batches: Any
             t["data_wait"] += time.perf_counter() - start
             t.setdefault("first_batch_wait", time.perf_counter() - start)
             yield batch
-
-    def timed_encode(*a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original_encode(*a, **k)
-        finally:
-            t["encode"] += time.perf_counter() - start
 
     forward_start: list[float] = []
 
@@ -208,14 +203,12 @@ def profiled_train_epoch(original: Any, model: Any, optimizer: Any, batches: Any
 
     handles = [model.register_forward_pre_hook(pre_hook), model.register_forward_hook(post_hook)]
     optimizer.step = timed_step
-    rt.encode_examples = timed_encode
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         result = original(model, optimizer, timed_batches(), *args, **kwargs)
     finally:
         total = time.perf_counter() - start
         t["cpu_s"] = time.process_time() - cpu_start  # this process, all its threads
-        rt.encode_examples = original_encode
         del optimizer.step  # the instance attribute; the class's step is back
         for handle in handles:
             handle.remove()
@@ -355,6 +348,18 @@ class Run:
         return sum(e["rows"] for e in self.epochs) / self.wall_s if self.wall_s > 0 else 0.0
 
 
+def encoded_batches(table: Any, batch: int, config: Any, counts: Any, seconds: list[float]) -> Iterator[dict]:
+    """``table`` in slices of ``batch`` rows, each encoded as it is needed; appends the seconds each
+    encoding took to ``seconds``."""
+    from ray_apps.encoding import encode_examples
+
+    for i in range(0, table.num_rows, batch):
+        start = time.perf_counter()
+        out = encode_examples(table.slice(i, batch), config, counts)
+        seconds.append(time.perf_counter() - start)
+        yield out
+
+
 def run_plain(settings: Any, device: str, threads: int, profile: bool = True) -> Run:
     import numpy as np
     import pyarrow as pa
@@ -387,13 +392,16 @@ def run_plain(settings: Any, device: str, threads: int, profile: bool = True) ->
             order = np.random.default_rng(ts.seed + epoch).permutation(table.num_rows)
             table = table.take(pa.array(order)).combine_chunks()
             t2 = time.perf_counter()
-            batches = (table.slice(i, batch) for i in range(0, table.num_rows, batch))
+            # The plain way: each batch is encoded in the training loop (Ray Train gets them encoded).
+            encode_s: list[float] = []
+            batches = encoded_batches(table, batch, config, counts, encode_s)
             if profile:
                 (loss_sum, steps, rows), phases = profiled_train_epoch(
-                    train_epoch, model, optimizer, batches, config, counts, device, use_gpu=use_gpu)
+                    train_epoch, model, optimizer, batches, device, use_gpu=use_gpu)
+                phases["encode"] = sum(encode_s)
+                phases["data_wait"] -= phases["encode"]
             else:
-                loss_sum, steps, rows = train_epoch(model, optimizer, batches, config, counts, device,
-                                                    use_gpu=use_gpu)
+                loss_sum, steps, rows = train_epoch(model, optimizer, batches, device, use_gpu=use_gpu)
                 phases = {}
             loss = float(loss_sum) / max(steps, 1)  # a device sync on GPU
             t3 = time.perf_counter()

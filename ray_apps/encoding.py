@@ -20,6 +20,7 @@ reads; ``torch.as_tensor`` turns each into a tensor without a copy.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -76,6 +77,27 @@ class EncodingConfig(Protocol):
     def device_buckets(self) -> int: ...
     @property
     def history_length(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class EncodingParams:
+    """An :class:`EncodingConfig` as a plain value. Ray Data ships it to its encode tasks, which then
+    need neither torch nor the model module (``TwoTowerConfig`` would import both in every task)."""
+
+    id_buckets: int
+    category_buckets: int
+    pop_buckets: int
+    user_buckets: int
+    region_buckets: int
+    device_buckets: int
+    history_length: int
+
+    @classmethod
+    def of(cls, config: EncodingConfig) -> EncodingParams:
+        return cls(id_buckets=config.id_buckets, category_buckets=config.category_buckets,
+                   pop_buckets=config.pop_buckets, user_buckets=config.user_buckets,
+                   region_buckets=config.region_buckets, device_buckets=config.device_buckets,
+                   history_length=config.history_length)
 
 
 # --------------------------------------------------------------------------- input normalisation
@@ -320,6 +342,14 @@ def encode_examples(
     if counts is not None:
         out["log_q"] = log_q(out["item_id"], counts)
     return out
+
+
+def encoded_row_bytes(config: EncodingConfig, *, log_q: bool = True) -> int:
+    """Bytes one training example takes once encoded (:func:`encode_examples`' arrays): what holding an
+    encoded split in Ray's object store costs per row. The padded history dominates (8 bytes an item)."""
+    counts = np.ones(config.id_buckets, dtype=np.int64) if log_q else None
+    encoded = encode_examples(EXAMPLE_SCHEMA.empty_table(), config, counts)
+    return sum(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) for a in encoded.values())
 
 
 def _broadcast(values: np.ndarray, size: int) -> np.ndarray:

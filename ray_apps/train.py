@@ -13,14 +13,17 @@ Training (:func:`train`, :func:`train_loop_per_worker`):
   blocks) through ``random_shuffle(seed)``: the ETL writes examples clustered by user and time, and an
   in-batch softmax fed one user's clicks in a row would learn from negatives that are nothing alike. The
   shuffle is the same permutation each epoch (an integer seed is "fully deterministic" in Ray Data), so
-  a split of at most ``train.materialize_max_bytes`` is read and shuffled once and held in the object
+  a split whose encoded rows take at most ``train.materialize_max_bytes`` (rows x
+  :func:`ray_apps.encoding.encoded_row_bytes`) is read, encoded and shuffled once and held in the object
   store; each epoch then varies the batch composition with a local shuffle buffer seeded by
   (seed, epoch, rank).
   Ray Train splits the stream across workers (``streaming_split(equal=True)``); ``preserve_order`` makes
-  that split deterministic too. Rows are encoded per batch with :func:`ray_apps.encoding.encode_examples`.
+  that split deterministic too. Rows are encoded by :func:`ray_apps.encoding.encode_examples` in Ray
+  Data's read tasks, before the shuffle, so the workers receive model-ready arrays: on a GPU worker the
+  encoding was most of the epoch, and a materialized split is encoded once for all epochs.
 - Log-Q. Item counts over HASHED ids (``encoding.item_counts``) are computed once on the driver in a
   single streaming pass over the train split (which also yields the row count, the data window and the
-  popularity baseline's ranking) and handed to the workers through the object store.
+  popularity baseline's ranking) and handed to Ray Data's encode tasks with the map function.
 - Determinism. ``TwoTowerModel`` initialises its parameters from ``config.seed``; dropout and the
   local shuffle are re-seeded at the start of EVERY epoch from (seed, epoch, rank), so a run resumed at
   epoch k draws exactly what an uninterrupted run draws in epoch k. Gradients are averaged by DDP
@@ -78,7 +81,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ray_apps.encoding import encode_examples, event_weights, hash_ids, item_counts
+from ray_apps.encoding import (
+    EncodingParams,
+    encode_examples,
+    encoded_row_bytes,
+    event_weights,
+    hash_ids,
+    item_counts,
+)
 from streamrec.lake import LakeLayout, filesystem
 
 if TYPE_CHECKING:
@@ -412,19 +422,18 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def train_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterable[pa.Table | pa.RecordBatch],
-    config: TwoTowerConfig,
-    counts: np.ndarray | None,
+    batches: Iterable[Mapping[str, np.ndarray]],
     device: torch.device | str,
     *,
     use_gpu: bool = False,
 ) -> tuple[torch.Tensor, int, int]:
-    """One pass over ``batches`` (the ETL's example columns): encode, forward (bf16 autocast on GPU,
-    float32 on CPU), backward, step. Returns ``(sum of batch losses as a float64 tensor on device,
-    batches, rows)``; the sum stays on the device so a GPU never waits for a host sync per step.
+    """One pass over ``batches`` (encoded examples: :func:`ray_apps.encoding.encode_examples`'s dicts):
+    forward (bf16 autocast on GPU, float32 on CPU), backward, step. Returns ``(sum of batch losses as a
+    float64 tensor on device, batches, rows)``; the sum stays on the device so a GPU never waits for a
+    host sync per step.
 
-    Pure PyTorch (no Ray): the Ray Train loop feeds it its dataset shard; benchmarks and GPU checks
-    feed it Arrow batches directly.
+    Pure PyTorch (no Ray): the Ray Train loop feeds it its dataset shard, encoded ahead by Ray Data;
+    benchmarks and GPU checks feed it batches they encode themselves.
     """
     import torch
 
@@ -434,7 +443,7 @@ def train_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_batches = rows = 0
     for batch in batches:
-        tensors = as_tensors(encode_examples(batch, config, counts), device)
+        tensors = as_tensors(batch, device)
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else contextlib.nullcontext():
             loss = model(tensors)
         optimizer.zero_grad(set_to_none=True)
@@ -442,7 +451,7 @@ def train_epoch(
         optimizer.step()
         loss_sum += loss.detach().double()
         n_batches += 1
-        rows += batch.num_rows
+        rows += len(batch["weight"])
     return loss_sum, n_batches, rows
 
 
@@ -450,11 +459,11 @@ def train_epoch(
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's per-worker function (see the module docstring). ``config`` keys: ``model_config``
-    (TwoTowerConfig JSON), ``item_counts`` (ndarray or ObjectRef), ``initial_state`` (bytes, ObjectRef
-    or None), ``epochs``, ``batch_size`` (per worker), ``learning_rate``, ``weight_decay``, ``seed``,
-    ``use_gpu``, ``fingerprint``, ``shuffle_buffer`` (rows), and optionally ``fail_at_epoch`` /
-    ``fail_marker`` (:class:`InjectedFailure`). Returns the run's history (rank 0's becomes
-    ``Result.return_value``)."""
+    (TwoTowerConfig JSON), ``initial_state`` (bytes, ObjectRef or None), ``epochs``, ``batch_size``
+    (per worker), ``learning_rate``, ``weight_decay``, ``seed``, ``use_gpu``, ``fingerprint``,
+    ``shuffle_buffer`` (rows), and optionally ``fail_at_epoch`` / ``fail_marker``
+    (:class:`InjectedFailure`). The dataset shard's rows arrive encoded. Returns the run's history
+    (rank 0's becomes ``Result.return_value``)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -467,7 +476,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model_config = TwoTowerConfig.from_json(config["model_config"])
     use_gpu = bool(config["use_gpu"])
     device = ray.train.torch.get_device()
-    counts = _resolve(config["item_counts"])
     seed = int(config["seed"])
 
     state = None
@@ -506,11 +514,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         epoch_seed = _epoch_seed(seed, epoch, rank)
         torch.manual_seed(epoch_seed)  # dropout draws: the same whether the run was resumed or not
         started = time.perf_counter()
-        batches_iter = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+        batches_iter = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
                                           local_shuffle_buffer_size=int(config["shuffle_buffer"]),
                                           local_shuffle_seed=epoch_seed)
-        loss_sum, batches, rows = train_epoch(model, optimizer, batches_iter, model_config, counts, device,
-                                              use_gpu=use_gpu)
+        loss_sum, batches, rows = train_epoch(model, optimizer, batches_iter, device, use_gpu=use_gpu)
         _maybe_fail(config, epoch)
         totals = torch.stack([loss_sum, torch.tensor(float(batches), dtype=torch.float64, device=device),
                               torch.tensor(float(rows), dtype=torch.float64, device=device)])
@@ -636,13 +643,19 @@ def train(
     source = _warm_start_source(candidate, config, day)
 
     columns = list(TRAIN_COLUMNS) + (["user_id"] if config.user_buckets > 0 else [])
+    # Encoding runs in Ray Data's read tasks, on the cluster's CPUs ahead of the workers: inside a
+    # worker it was 74% of a GPU epoch (docs/design.md, section 9). Whole blocks: it is vectorised.
     dataset = (ray.data.read_parquet(file_paths, filesystem=paths.fs, partitioning=None,
                                      file_extensions=["parquet"])
                .select_columns(columns)
+               .map_batches(encode_examples, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"config": EncodingParams.of(config), "counts": stats.counts})
                .random_shuffle(seed=ts.seed))
-    if sum(info.size for info in files) <= ts.materialize_max_bytes:
-        # The permutation is the same every epoch; re-reading and re-shuffling it was the largest share
-        # of a small split's epoch (docs/benchmarks.md, train). Held once, the order is unchanged.
+    if stats.rows * encoded_row_bytes(config) <= ts.materialize_max_bytes:
+        # The permutation is the same every epoch; re-reading, re-encoding and re-shuffling it was the
+        # largest share of a small split's epoch (docs/benchmarks.md, train). Held once, in a fixed
+        # block order (preserve_order), it is the same every epoch and every run.
+        dataset.context.execution_options.preserve_order = True
         dataset = dataset.materialize()
     # The context's ingest options (what DataConfig would use) plus preserve_order: a deterministic split
     # across workers (see the module docstring).
@@ -653,7 +666,6 @@ def train(
     storage_fs = None if isinstance(paths.fs, pafs.LocalFileSystem) else paths.fs
     loop_config: dict[str, Any] = {
         "model_config": config.to_json(),
-        "item_counts": ray_module.put(stats.counts),
         "initial_state": ray_module.put(source.state_bytes) if source is not None else None,
         "warm_start_from": source.version if source is not None else None,
         "epochs": ts.epochs,

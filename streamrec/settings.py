@@ -36,6 +36,19 @@ _CPU_RE = re.compile(r"^(\d+(\.\d+)?)(m?)$")
 RAY_DATA_TASK_CPUS = 1.0
 
 
+_MEMORY_RE = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_MEMORY_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_quantity(value: str) -> int:
+    """A Kubernetes memory quantity (``"16Gi"``, ``"512Mi"``, ``"1G"``, ``"1048576"``) in bytes."""
+    match = _MEMORY_RE.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a memory quantity (e.g. \"16Gi\" or \"512Mi\")")
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+
+
 def cpu_quantity(value: str) -> float:
     """A Kubernetes CPU quantity (``"7"``, ``"1.5"``, ``"500m"``) in CPUs."""
     match = _CPU_RE.match(value.strip())
@@ -245,9 +258,10 @@ class TrainSettings(_Strict):
     model: dict[str, Any] = Field(default_factory=dict)
     # -- Ray's object store for a local ray.init() (bytes); 0 lets Ray decide.
     object_store_bytes: int = Field(512 * 1024 * 1024, ge=0)
-    # -- The shuffled train split is held in the object store (read and shuffled once, not every epoch)
-    # when its Parquet files total at most this many bytes (in memory it is a few times larger); 0 never.
-    materialize_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # -- The encoded, shuffled train split is held in Ray's object store (read, encoded and shuffled once,
+    # not every epoch) when it takes at most this many bytes there: rows x the encoded row size (464 bytes
+    # with 50-item histories, about 12x its Parquet size); 0 never. Keep it well below the object store.
+    materialize_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
 
 
 class GateSettings(_Strict):
@@ -406,6 +420,13 @@ class RayJobTemplate(_Strict):
             raise ValueError(f"{v!r}: a Ray pod needs a positive number of CPUs")
         return v
 
+    @field_validator("head_memory", "worker_memory", "shm_size")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if memory_quantity(v) <= 0:
+            raise ValueError(f"{v!r}: must be a positive amount of memory")
+        return v
+
 
 class PipelineSettings(_Strict):
     """The daily PipelineRun (operators/): stage backends, retries, and the child templates."""
@@ -492,7 +513,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _ray_stages_fit_their_rayjob(self) -> "Settings":
         if self.environment != "local":  # locally the cluster is this machine, sized by the defaults
-            problems = ray_stage_cpu_problems(self)
+            problems = ray_stage_cpu_problems(self) + ray_stage_memory_problems(self)
             if problems:
                 raise ValueError("; ".join(problems))
         return self
@@ -545,6 +566,19 @@ def ray_stage_cpu_problems(settings: Settings) -> list[str]:
         problems.append(f"train.use_gpu: yes needs a GPU per worker ({settings.train.workers}), the RayJob "
                         f"has {gpus} (pipeline.rayjob.worker_gpus)")
     return problems
+
+
+def ray_stage_memory_problems(settings: Settings) -> list[str]:
+    """Why training's materialized split would not fit the RayJob's object store; empty when it does.
+    The store lives in each worker pod's ``/dev/shm`` (``pipeline.rayjob.shm_size``); a split that
+    takes more than half of it in total would spill to disk every epoch or fail the run."""
+    rayjob = settings.pipeline.rayjob
+    store = rayjob.worker_replicas * memory_quantity(rayjob.shm_size)
+    if settings.train.materialize_max_bytes > store // 2:
+        return [f"train.materialize_max_bytes: {settings.train.materialize_max_bytes} bytes is more than "
+                f"half the RayJob's object store (pipeline.rayjob: {rayjob.worker_replicas} worker pods x "
+                f"{rayjob.shm_size} of /dev/shm = {store} bytes)"]
+    return []
 
 
 def _free_cpus(pods: int, pod: float, per_pod: int, count: int, each: float) -> list[float]:

@@ -23,7 +23,9 @@ from ray_apps.encoding import (
     EXAMPLE_SCHEMA,
     ITEM_KEYS,
     USER_KEYS,
+    EncodingParams,
     encode_examples,
+    encoded_row_bytes,
     encode_histories,
     encode_items,
     encode_users,
@@ -250,6 +252,37 @@ def test_encode_examples_adds_log_q_and_skips_user_ids_when_off() -> None:
     assert "user_id" not in out
     np.testing.assert_allclose(out["log_q"], np.log([1 / 4, 2 / 4, 1 / 4]), rtol=1e-6)
     assert out["weight"].tolist() == [1, 8, 2]
+
+
+def test_encoding_params_encode_exactly_like_the_config_they_copy() -> None:
+    """Ray Data's encode tasks get EncodingParams (no torch import), the serving path a model config."""
+    from ray_apps.model import TwoTowerConfig
+
+    config = TwoTowerConfig(user_buckets=64, history_length=4)
+    params = EncodingParams.of(config)
+    table = examples_table(_examples())
+    counts = item_counts(hash_ids(["a", "b", "z"], config.id_buckets), config.id_buckets)
+    expected, got = encode_examples(table, config, counts), encode_examples(table, params, counts)
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize(("history_length", "user_buckets", "log_q", "size"), [
+    (50, 0, True, 50 * 8 + 7 * 8 + 4 + 4),  # the default: history, 7 int64 indices, weight, log-Q
+    (50, 0, False, 50 * 8 + 7 * 8 + 4),
+    (4, 64, True, 4 * 8 + 8 * 8 + 4 + 4),  # + user_id
+])
+def test_encoded_row_bytes_is_what_an_encoded_batch_holds(history_length: int, user_buckets: int, log_q: bool,
+                                                          size: int) -> None:
+    config = dataclasses.replace(SMALL, history_length=history_length, user_buckets=user_buckets)
+    assert encoded_row_bytes(config, log_q=log_q) == size
+    counts = np.ones(config.id_buckets, np.int64) if log_q else None
+    table = examples_table(_examples())
+    if not user_buckets:
+        table = table.drop_columns(["user_id"])
+    out = encode_examples(table, config, counts)
+    assert sum(a.nbytes for a in out.values()) == size * table.num_rows
 
 
 def test_encode_examples_names_a_missing_column() -> None:

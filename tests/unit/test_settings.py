@@ -14,7 +14,9 @@ from streamrec.settings import (
     SettingsError,
     cpu_quantity,
     load_settings,
+    memory_quantity,
     ray_stage_cpu_problems,
+    ray_stage_memory_problems,
 )
 
 pytestmark = pytest.mark.unit
@@ -204,6 +206,18 @@ def test_cpu_quantities_read_like_kubernetes(quantity: str, cpus: float) -> None
     assert cpu_quantity(quantity) == cpus
 
 
+@pytest.mark.parametrize(("quantity", "size"), [("16Gi", 16 * 2**30), ("512Mi", 512 * 2**20), ("1G", 10**9),
+                                               ("1048576", 2**20), (" 3Ki ", 3072)])
+def test_memory_quantities_read_like_kubernetes(quantity: str, size: int) -> None:
+    assert memory_quantity(quantity) == size
+
+
+@pytest.mark.parametrize("quantity", ["16GB", "1.5Gi", "", "-1Gi", "Gi"])
+def test_memory_quantities_kubernetes_would_refuse_are_refused(quantity: str) -> None:
+    with pytest.raises(ValueError, match="not a memory quantity"):
+        memory_quantity(quantity)
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
@@ -223,6 +237,14 @@ def test_cpu_quantities_read_like_kubernetes(quantity: str, cpus: float) -> None
          r"pipeline.rayjob.worker_cpu: .*not a CPU quantity"),
         ({"STREAMREC_PIPELINE__RAYJOB__WORKER_CPU": "0"},
          r"pipeline.rayjob.worker_cpu: .*positive number of CPUs"),
+        # 2 pods x 16Gi of /dev/shm: a 20 GiB split would not leave the object store room to work.
+        ({"STREAMREC_TRAIN__MATERIALIZE_MAX_BYTES": str(20 * 2**30)},
+         r"train.materialize_max_bytes: 21474836480 bytes is more than half the RayJob's object store "
+         r"\(pipeline.rayjob: 2 worker pods x 16Gi"),
+        ({"STREAMREC_PIPELINE__RAYJOB__SHM_SIZE": "16GB"},
+         r"pipeline.rayjob.shm_size: .*not a memory quantity"),
+        ({"STREAMREC_PIPELINE__RAYJOB__WORKER_MEMORY": "0Gi"},
+         r"pipeline.rayjob.worker_memory: .*positive amount of memory"),
     ],
 )
 def test_ray_stages_that_cannot_run_in_their_rayjob_fail_at_start_up(
@@ -245,7 +267,7 @@ def test_ray_stage_sizes_that_fit_their_rayjob_are_accepted(monkeypatch: pytest.
     monkeypatch.setenv("STREAMREC_TRAIN__USE_GPU", "yes")
     settings = load_settings()
     rayjob = settings.pipeline.rayjob
-    assert ray_stage_cpu_problems(settings) == []
+    assert ray_stage_cpu_problems(settings) == [] == ray_stage_memory_problems(settings)
     assert rayjob.worker_replicas * cpu_quantity(rayjob.worker_cpu) == 14
 
 
