@@ -420,9 +420,8 @@ class Worker:
         import redis
 
         deadline = time.monotonic() + self.redis_retry_seconds
-        attempt = 0
+        retry = 0
         while True:
-            attempt += 1
             try:
                 return self.features.write(batch)
             # Unreachable, timed out, a replica during a failover, or full: Redis is unavailable. Other
@@ -437,7 +436,8 @@ class Worker:
                               extra={"shard": batch.shard_id, "first_seq": batch.first_seq,
                                      "last_seq": batch.last_seq, "error": str(exc)})
                     return 0
-                time.sleep(min(left, backoff_delay(attempt - 1, 0.05, 1.0, self._rng.uniform(0.5, 1.0))))
+                time.sleep(min(left, backoff_delay(retry, 0.05, 1.0, self._rng.uniform(0.5, 1.0))))
+                retry += 1
 
     def finish(self, state: ShardState) -> None:
         """A closed shard is fully processed: mark it SHARD_END so its children may start."""

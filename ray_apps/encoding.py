@@ -20,7 +20,7 @@ reads; ``torch.as_tensor`` turns each into a tensor without a copy.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -94,10 +94,7 @@ class EncodingParams:
 
     @classmethod
     def of(cls, config: EncodingConfig) -> EncodingParams:
-        return cls(id_buckets=config.id_buckets, category_buckets=config.category_buckets,
-                   pop_buckets=config.pop_buckets, user_buckets=config.user_buckets,
-                   region_buckets=config.region_buckets, device_buckets=config.device_buckets,
-                   history_length=config.history_length)
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 # --------------------------------------------------------------------------- input normalisation
@@ -347,7 +344,8 @@ def encode_examples(
 def encoded_row_bytes(config: EncodingConfig, *, log_q: bool = True) -> int:
     """Bytes one training example takes once encoded (:func:`encode_examples`' arrays): what holding an
     encoded split in Ray's object store costs per row. The padded history dominates (8 bytes an item)."""
-    counts = np.ones(config.id_buckets, dtype=np.int64) if log_q else None
+    # No rows: any non-zero counts make encode_examples add its log-Q column.
+    counts = np.ones(1, dtype=np.int64) if log_q else None
     encoded = encode_examples(EXAMPLE_SCHEMA.empty_table(), config, counts)
     return sum(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) for a in encoded.values())
 

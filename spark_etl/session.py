@@ -6,7 +6,6 @@ sizing comes from the job submission (spark_etl/emr.py) and only :func:`job_conf
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -64,9 +63,6 @@ def local_session(spark: SparkSettings, app_name: str = "streamrec-etl") -> Spar
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
-    # py4j logs each gateway connection's close at INFO, from finalizers that can run at interpreter exit
-    # after the log stream is closed: a "--- Logging error ---" traceback at the end of every run.
-    logging.getLogger("py4j").setLevel(logging.WARNING)
     return session
 
 

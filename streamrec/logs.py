@@ -56,6 +56,6 @@ def configure_logging(component: str, *, region: str = "", run_id: str = "", lev
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # botocore and urllib3 are chatty at INFO.
-    for noisy in ("botocore", "urllib3", "boto3"):
+    # botocore and urllib3 are chatty at INFO, and py4j logs every Spark gateway connection it closes.
+    for noisy in ("botocore", "urllib3", "boto3", "py4j"):
         logging.getLogger(noisy).setLevel("WARNING")

@@ -105,10 +105,10 @@ class KinesisPublisher:
 
     def _put_batch(self, batch: list[GeneratedRecord], stats: PublishStats) -> None:
         pending = batch
-        for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
+        for attempt in range(self.max_attempts):
+            if attempt:
                 self.sleep(
-                    backoff_delay(attempt - 2, self.backoff_base_s, self.backoff_cap_s, self._jitter.random())
+                    backoff_delay(attempt - 1, self.backoff_base_s, self.backoff_cap_s, self._jitter.random())
                 )
                 stats.retried_records += len(pending)
             response = self.client.put_records(
